@@ -1,0 +1,266 @@
+"""The teacher-guided diffusion sampler (SPEC §2; DiffDFKD, Qi et al. 2025).
+
+Notation (the variable names used below):
+    z          z_t, the latent of a micro-batch at timestep t (the image itself for a pixel prior)
+    eps        ε̂ = UNet(z_t, t, cond), with classifier-free guidance of scale s
+    alpha_bar  ᾱ_t, the scheduler's cumulative alpha
+    z0         ẑ0 = (z_t − sqrt(1 − ᾱ_t)·ε̂) / sqrt(ᾱ_t)
+    x0         x̂0 = clamp(D(ẑ0), 0, 1) with a straight-through clamp, then resized/normalised for the teacher
+    L_inv      α·L_bn + β·L_cls + γ·L_adv
+
+One guided step per timestep t, for one micro-batch:
+    1. eps = UNet(z_t)                               (through the UNet, or detached: ``grad_mode``)
+    2. z0, x0 from eps; teacher (and student) on x0
+    3. z_t ← z_t − η·B·∇_{z_t} L_inv                 (B·: sum-reduced, so the per-sample step does not shrink with B)
+    4. z_{t−1} = scheduler.step(eps', t, z_t)        (eps' recomputed on the updated z_t, or reused)
+    5. every k steps: Latent CutMix, then r steps of seam repair (inpainting with the same prior)
+
+A :class:`GenerationBatch` holds everything one micro-batch needs between steps, so the co-training loop can keep
+several in flight at staggered timesteps and advance each by one step per tick; :meth:`GuidedSampler.sample` is
+the plain loop over ``scheduler.timesteps`` for offline synthesis.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from augment.latent_cutmix import apply_cutmix, latent_cutmix, mix_labels, seam_band
+from losses import BNStatHooks, WeightedSum, adversarial_loss, class_prior_loss
+
+
+@dataclass
+class GuidanceConfig:
+    bn: float = 0.1  # α, BN-statistics weight
+    cls: float = 10.0  # β, class-prior weight
+    adv: float = 0.0  # γ, adversarial weight (the engine turns it on after its warm-up)
+    step_size: float = 0.1  # η, per-sample latent step (the gradient is scaled by the batch size)
+    guidance_scale: float = 2.0  # classifier-free guidance scale s of the prior
+    steps: int = 25  # sampler steps
+    grad_mode: str = "full"  # full: ∇ through the UNet's ε̂ and the decoder; detached: ε̂ held constant
+    recompute_eps: bool = True  # recompute ε̂ on the updated z_t before the scheduler step
+    guide_every: int = 1  # guide on every m-th timestep only (cost study)
+    first_bn_multiplier: float = 1.0
+    divergence: str = "kl"  # kl | js for the adversarial term
+    cutmix_every: int = 0  # k: Latent CutMix every k steps (0 = off)
+    cutmix_beta: float = 1.0
+    repair_steps: int = 0  # r: steps of seam repair after each CutMix (0 = no inpainting)
+    repair_band: int = 1  # w: band width around the box edge, in latent pixels
+
+    def weights(self) -> dict[str, float]:
+        return {"bn": self.bn, "cls": self.cls, "adv": self.adv}
+
+
+class TeacherView(nn.Module):
+    """Prior images in [0, 1] -> the teacher's input: resize, adapt channels (RGB -> luminance or gray -> RGB),
+    normalise with the teacher's mean/std."""
+
+    def __init__(self, size: int, channels: int, mean, std):
+        super().__init__()
+        self.size, self.channels = size, channels
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+
+    def to_teacher_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Resize and adapt channels; values stay in [0, 1]. (B, C_p, H_p, W_p) -> (B, C_t, size, size)."""
+        if images.shape[-1] != self.size or images.shape[-2] != self.size:
+            images = F.interpolate(images, size=(self.size, self.size), mode="bilinear", antialias=True,
+                                   align_corners=False)
+        if images.shape[1] == 3 and self.channels == 1:
+            images = (images * images.new_tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True)
+        elif images.shape[1] == 1 and self.channels == 3:
+            images = images.expand(-1, 3, -1, -1)
+        return images
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        return (images - self.mean.to(images.dtype)) / self.std.to(images.dtype)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.normalize(self.to_teacher_images(images))
+
+
+def straight_through_clamp(x: torch.Tensor) -> torch.Tensor:
+    """clamp(x, 0, 1) forward, identity backward: a hard clamp would cut the gradient where x̂0 leaves [0, 1],
+    which at high noise is most of the image (SPEC §8)."""
+    return x + (x.clamp(0, 1) - x).detach()
+
+
+@dataclass
+class SeamRepair:
+    """Inpainting state after a CutMix: the ``band`` is regenerated, everything else follows the mixed content,
+    re-noised to each new level from its (ẑ0, ε) pair: z_known(t) = sqrt(ᾱ_t)·ẑ0 + sqrt(1 − ᾱ_t)·ε."""
+
+    band: torch.Tensor  # (B, 1, H, W) bool
+    z0: torch.Tensor
+    eps: torch.Tensor
+    steps_left: int
+
+
+@dataclass
+class GenerationBatch:
+    """One micro-batch in flight."""
+
+    z: torch.Tensor  # (B, C, H, W) current latent z_t
+    labels: torch.Tensor  # (B,) class the prior is conditioned on
+    label_weights: torch.Tensor  # (B, K) soft targets for L_cls (one-hot until a CutMix)
+    seeds: torch.Tensor  # (B,)
+    cond: object
+    scheduler: object  # this batch's own scheduler (multistep schedulers keep per-trajectory state)
+    generator: torch.Generator  # CutMix boxes and stochastic scheduler noise
+    step_index: int = 0
+    repair: SeamRepair | None = None
+    skipped: torch.Tensor | None = None  # samples whose latent step was skipped for a non-finite gradient
+    last_terms: dict = field(default_factory=dict)
+
+    @property
+    def done(self) -> bool:
+        return self.step_index >= len(self.scheduler.timesteps)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def alpha_bar(scheduler, t) -> torch.Tensor:
+    if t is None:  # past the last step
+        return torch.tensor(1.0)
+    return scheduler.alphas_cumprod[int(t)]
+
+
+class GuidedSampler:
+    """Steers a diffusion prior with a frozen teacher (and, for L_adv, the current student)."""
+
+    def __init__(self, prior, teacher: nn.Module, teacher_view: TeacherView, num_classes: int,
+                 config: GuidanceConfig):
+        if not hasattr(prior.scheduler, "alphas_cumprod"):
+            raise ValueError(f"{type(prior.scheduler).__name__} has no alphas_cumprod; guidance needs a "
+                             "variance-preserving scheduler (ddim, ddpm, dpm, pndm, unipc)")
+        self.prior, self.teacher, self.view, self.config = prior, teacher, teacher_view, config
+        self.num_classes = num_classes
+        self.weighted = WeightedSum(config.weights(), name="L_inv")
+        self.bn_hooks = BNStatHooks(teacher, first_multiplier=config.first_bn_multiplier)
+        self.device = next(teacher.parameters()).device
+        self._scheduler = copy.deepcopy(prior.scheduler)
+        self._scheduler.set_timesteps(config.steps, device=self.device)
+
+    def set_weights(self, **weights: float) -> None:
+        """Change α/β/γ during a run (e.g. L_adv after its warm-up)."""
+        for name, value in weights.items():
+            setattr(self.config, name, value)
+        self.weighted = WeightedSum(self.config.weights(), name="L_inv")
+
+    # 1. Prepare latents -------------------------------------------------------------------------------------------
+    def start(self, labels: torch.Tensor, seeds: torch.Tensor) -> GenerationBatch:
+        """Initial noise from one generator per sample seed, so a sample does not depend on its batch."""
+        shape = self.prior.latent_shape
+        z = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
+        scheduler = copy.deepcopy(self._scheduler)
+        z = z.to(self.device) * scheduler.init_noise_sigma
+        labels = labels.to(self.device)
+        return GenerationBatch(
+            z=z, labels=labels, label_weights=F.one_hot(labels, self.num_classes).float(), seeds=seeds.cpu(),
+            cond=self.prior.condition(labels), scheduler=scheduler,
+            generator=torch.Generator().manual_seed(int(seeds[0]) * 1_000_003 + 17),
+            skipped=torch.zeros((), dtype=torch.long, device=self.device),
+        )
+
+    # 2-3. Guided latent update ------------------------------------------------------------------------------------
+    @torch.enable_grad()
+    def guidance_step(self, batch: GenerationBatch, t, student: nn.Module | None) -> torch.Tensor:
+        """One gradient step on z_t against L_inv; returns ε̂ at the *old* z_t (detached) for reuse."""
+        cfg = self.config
+        z = batch.z.detach().requires_grad_(True)
+        model_input = batch.scheduler.scale_model_input(z, t)
+        if cfg.grad_mode == "full":
+            eps = self.prior.predict_noise(model_input, t, batch.cond, cfg.guidance_scale)
+        else:
+            with torch.no_grad():
+                eps = self.prior.predict_noise(model_input, t, batch.cond, cfg.guidance_scale)
+        a = alpha_bar(batch.scheduler, t)
+        z0 = (z - (1 - a).sqrt() * eps) / a.sqrt()
+        x = self.view(straight_through_clamp(self.prior.decode(z0)))
+        active = self.weighted.active
+        if "bn" in active:
+            with self.bn_hooks:
+                teacher_logits = self.teacher(x)
+            terms = {"bn": self.bn_hooks.loss()}
+        else:
+            teacher_logits, terms = self.teacher(x), {}
+        if "cls" in active:
+            terms["cls"] = class_prior_loss(teacher_logits, batch.label_weights)
+        if "adv" in active and student is not None:
+            terms["adv"] = adversarial_loss(teacher_logits, student(x), divergence=cfg.divergence)
+        elif "adv" in active:
+            terms["adv"] = teacher_logits.new_zeros(())
+        loss = self.weighted(terms)
+        (grad,) = torch.autograd.grad(loss, z)
+        # Guard: a sample whose gradient is not finite keeps its latent (counted, no host sync here).
+        finite = torch.isfinite(grad).flatten(1).all(1)
+        batch.skipped += (~finite).sum()
+        step = torch.where(finite[:, None, None, None], grad, torch.zeros_like(grad))
+        batch.z = (z - cfg.step_size * len(batch) * step).detach()
+        batch.last_terms = {k: v.detach() for k, v in terms.items()} | {"L_inv": loss.detach()}
+        return eps.detach()
+
+    # 4-5. Denoise, CutMix, repair ---------------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, batch: GenerationBatch, student: nn.Module | None = None) -> None:
+        """Advance a micro-batch by one timestep (guided when the config says so)."""
+        cfg = self.config
+        timesteps = batch.scheduler.timesteps
+        i = batch.step_index
+        t = timesteps[i]
+        guided = bool(self.weighted.active) and i % cfg.guide_every == 0
+        eps = self.guidance_step(batch, t, student) if guided else None
+        if eps is None or cfg.recompute_eps:
+            eps = self.prior.predict_noise(batch.scheduler.scale_model_input(batch.z, t), t, batch.cond,
+                                           cfg.guidance_scale)
+        z_t = batch.z
+        batch.z = batch.scheduler.step(eps, t, z_t, generator=batch.generator).prev_sample
+        t_prev = timesteps[i + 1] if i + 1 < len(timesteps) else None
+        a_prev = alpha_bar(batch.scheduler, t_prev).to(z_t.device)
+
+        if batch.repair is not None:  # hold everything outside the band to the mixed content at the new level
+            known = a_prev.sqrt() * batch.repair.z0 + (1 - a_prev).sqrt() * batch.repair.eps
+            batch.z = torch.where(batch.repair.band, batch.z, known)
+            batch.repair.steps_left -= 1
+            if batch.repair.steps_left <= 0:
+                batch.repair = None
+
+        steps_left = len(timesteps) - (i + 1)
+        if cfg.cutmix_every and (i + 1) % cfg.cutmix_every == 0 and steps_left > cfg.repair_steps:
+            a = alpha_bar(batch.scheduler, t).to(z_t.device)
+            z0 = (z_t - (1 - a).sqrt() * eps) / a.sqrt()
+            self.cutmix(batch, z0, a_prev)
+        batch.step_index += 1
+
+    def cutmix(self, batch: GenerationBatch, z0: torch.Tensor, a_prev: torch.Tensor) -> None:
+        """Latent CutMix on z_{t−1}, then (if r > 0) start the seam repair."""
+        cfg = self.config
+        _, _, h, w = batch.z.shape
+        mix = latent_cutmix(len(batch), h, w, cfg.cutmix_beta, batch.generator, batch.z.device)
+        # The ε that, with ẑ0, reproduces z_{t−1} exactly: the repair re-noises both halves consistently.
+        eps_implied = (batch.z - a_prev.sqrt() * z0) / (1 - a_prev).clamp_min(1e-8).sqrt()
+        batch.z = apply_cutmix(batch.z, mix)
+        batch.label_weights = mix_labels(batch.label_weights, mix)
+        if cfg.repair_steps > 0:
+            band = seam_band(mix.box, cfg.repair_band)
+            batch.repair = SeamRepair(band, apply_cutmix(z0, mix), apply_cutmix(eps_implied, mix), cfg.repair_steps)
+
+    # 6. Decode ----------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def finish(self, batch: GenerationBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images at the teacher's resolution and channels, in [0, 1], and the teacher's logits on them."""
+        images = self.view.to_teacher_images(self.prior.decode(batch.z).clamp(0, 1))
+        return images, self.teacher(self.view.normalize(images))
+
+    def sample(self, labels: torch.Tensor, seeds: torch.Tensor, student: nn.Module | None = None):
+        """The offline loop: ``for t in scheduler.timesteps`` on one batch; returns (images, teacher logits, batch)."""
+        batch = self.start(labels, seeds)
+        while not batch.done:
+            self.step(batch, student)
+        images, logits = self.finish(batch)
+        return images, logits, batch

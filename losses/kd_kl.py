@@ -1,0 +1,28 @@
+"""Temperature-scaled KL distillation loss (SPEC §3, first term of ``L_kd``).
+
+Hinton, Vinyals and Dean, "Distilling the Knowledge in a Neural Network", 2015::
+
+    L_KL = τ² · mean_i KL(softmax(t_i/τ) ‖ softmax(s_i/τ)) = τ² · mean_i Σ_k p_T^τ (log p_T^τ − log p_S^τ)
+
+The τ² factor keeps the gradient magnitude comparable across temperatures. The teacher side is detached.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def _at_least_float32(x: torch.Tensor) -> torch.Tensor:
+    """Upcast half/bfloat16 (autocast) logits to float32 for a stable softmax; leave float32/float64 as they are."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def kd_kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``τ²·KL(p_T^τ ‖ p_S^τ)``, the per-sample KL summed over classes and averaged over the batch."""
+    if temperature <= 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
+    log_p_s = F.log_softmax(_at_least_float32(student_logits) / temperature, dim=1)  # (B, K)
+    log_p_t = F.log_softmax(_at_least_float32(teacher_logits.detach()) / temperature, dim=1)  # (B, K)
+    kl = (log_p_t.exp() * (log_p_t - log_p_s)).sum(dim=1)  # (B,)
+    return temperature**2 * kl.mean()

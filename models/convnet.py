@@ -1,0 +1,37 @@
+"""Small BatchNorm CNNs for 28x28 inputs (the default world's teacher and student).
+
+Three stages at 28, 14 and 7 px; stage k has ``width * 2**k`` channels. ``convnet-w64`` (~0.5M parameters) is the
+default teacher, ``convnet-w16`` (~25k) the default student; the widths in between serve teacher-strength studies.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from models.base import StagedClassifier
+
+
+def conv_bn_relu(c_in: int, c_out: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True))
+
+
+class ConvNet(StagedClassifier):
+    def __init__(self, num_classes: int = 10, in_channels: int = 1, width: int = 64, convs_per_stage: int = 1):
+        super().__init__()
+        widths = [width, width * 2, width * 4]
+        stages, c_in = [], in_channels
+        for i, c in enumerate(widths):
+            layers = [nn.MaxPool2d(2)] if i > 0 else []  # 28 -> 14 -> 7
+            for j in range(convs_per_stage):
+                layers.append(conv_bn_relu(c_in if j == 0 else c, c))
+            stages.append(nn.Sequential(*layers))
+            c_in = c
+        self.stages = nn.ModuleList(stages)
+        self.fc = nn.Linear(widths[-1], num_classes)
+
+
+def convnet(width: int, convs_per_stage: int = 1):
+    def build(num_classes: int = 10, in_channels: int = 1) -> ConvNet:
+        return ConvNet(num_classes, in_channels, width, convs_per_stage)
+
+    return build
