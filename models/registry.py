@@ -1,9 +1,9 @@
 """The model zoo: classifiers registered by name, plus checkpoint loading with clear errors.
 
     build_classifier("convnet-w64", num_classes=10, in_channels=1)
-    build_classifier("wrn-40-2", num_classes=100)            # the CIFAR zoo (resnet8/20/18/34, wrn-*, vgg*-bn)
+    build_classifier("wrn-40-2", num_classes=100)              # the CIFAR zoo: resnet8/20/18/34, wrn-*, vgg*-bn
     build_classifier("tv:mobilenet_v3_small", num_classes=10)  # any torchvision classifier, random weights
-    build_classifier("mypkg.nets:make_net", num_classes=10)   # any callable taking num_classes (and in_channels)
+    build_classifier("mypkg.nets:make_net", num_classes=10)    # any callable taking num_classes (and in_channels)
     load_classifier("convnet-w64", "teacher.safetensors", num_classes=10, in_channels=1)
 """
 
