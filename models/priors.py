@@ -619,10 +619,17 @@ def _resolve_source(spec: str | os.PathLike) -> str | Path:
 
 
 def _hub_error(repo: str, err: BaseException) -> PriorLoadError:
-    reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
-    return PriorLoadError(f"could not load hub id '{repo}' (no local folder of that name; {type(err).__name__}: "
-                          f"{reason}); pass a local folder (save_pretrained layout) or unset HF_HUB_OFFLINE / check "
-                          "the network")
+    """One line: which id failed and why, and the two ways out (a local folder, or fixing hub access)."""
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    if isinstance(err, LocalEntryNotFoundError):  # offline (local_files_only) and not in the cache
+        return PriorLoadError(f"could not load hub id '{repo}': no local folder of that name and not in the Hugging "
+                              "Face cache while offline; pass a local folder (save_pretrained layout), or unset "
+                              "HF_HUB_OFFLINE where the network is reachable")
+    reason = (str(err).strip().splitlines() or [""])[0][:160]
+    return PriorLoadError(f"could not load hub id '{repo}' ({type(err).__name__}: {reason}); pass a local folder "
+                          "(save_pretrained layout), or set HF_HUB_OFFLINE=1 to use the local cache, or check the "
+                          "network")
 
 
 def _from_pretrained(loader, source: str | Path, subfolder: str, **kwargs) -> Any:

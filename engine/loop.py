@@ -1,0 +1,289 @@
+"""The co-training loop (SPEC §4): one asynchronous loop in which a teacher-guided diffusion prior keeps producing
+images while the student learns from them.
+
+Each tick
+  1. generation (gen stream): refresh the generator's snapshot of the student; start a micro-batch if one is due
+     (starts are staggered so that micro-batches finish at every few ticks); advance every in-flight micro-batch by
+     one guided denoising step; move finished images + teacher logits into the replay buffer;
+  2. training (train stream): ``kd_steps`` student updates on replay-buffer batches, once it holds ``min_buffer``;
+  3. bookkeeping at intervals only (metrics, evaluation, checkpoints: the only host syncs).
+The next tick's L_adv is computed against the weights the updates of this tick wrote (see engine/streams.py).
+``--schedule offline`` runs the same loop with training held back until every image exists (the papers' protocol);
+``--method real-kd`` fills the buffer from the real train set instead of a generator.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+
+from augment.student_augment import student_augment
+from engine.config import RunConfig
+from engine.datasets import as_tensors, load_dataset
+from engine.evaluate import accuracy
+from engine.outputs import RunOutputs
+from engine.replay_buffer import ReplayBuffer
+from engine.streams import StreamPair, copy_weights
+from engine.world import World
+from losses import WeightedSum, kd_kl_loss, msarc_loss
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LoopState:
+    """Everything about progress that a checkpoint must restore (besides weights, optimizer, buffer, RNG)."""
+
+    tick: int = 0
+    student_step: int = 0
+    batches_started: int = 0
+    batches_finished: int = 0
+    last_start_tick: int = -(10**9)
+    kd_credit: float = 0.0  # fractional student steps owed (spreads steps evenly over the generation ticks)
+    skipped_latent_steps: int = 0
+    skipped_kd_steps: int = 0
+    best_acc: float = 0.0
+    gen_seconds: float = 0.0  # wall time the run has spent (restored on resume, so images/s stays honest)
+
+
+def micro_batch(cfg: RunConfig, index: int, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Labels and seeds of micro-batch ``index``: classes balanced round-robin, one seed per image."""
+    first = index * cfg.gen_batch
+    n = min(cfg.gen_batch, cfg.images - first)
+    ids = torch.arange(first, first + n)
+    return ids % num_classes, cfg.seed * 10_000_000 + ids
+
+
+def kd_rate(cfg: RunConfig, steps_per_batch: int) -> float:
+    """Student steps per tick so that training spans the generation ticks (online), or 1 per tick once all
+    images exist (offline / after generation)."""
+    if cfg.kd_steps_per_tick:
+        return float(cfg.kd_steps_per_tick)
+    n_batches = math.ceil(cfg.images / cfg.gen_batch)
+    stagger = max(1, steps_per_batch // cfg.in_flight)
+    gen_ticks = (n_batches - 1) * stagger + steps_per_batch
+    first_fill = (math.ceil(cfg.min_buffer / cfg.gen_batch) - 1) * stagger + steps_per_batch
+    window = max(1, gen_ticks - first_fill + 1)
+    return cfg.student_steps / window
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def co_train(cfg: RunConfig, world: World, accelerator: Accelerator, outputs: RunOutputs) -> dict:
+    device = accelerator.device
+    set_seed(cfg.seed)
+    teacher, view, info, generator = world.teacher.model, world.view, world.info, world.generator
+    image_shape = (view.channels, view.size, view.size)
+
+    # 1. Replay buffer (and, for real-data KD, its contents) ----------------------------------------------------------
+    buffer = ReplayBuffer(cfg.buffer_capacity, image_shape, info.num_classes, device)
+    if generator is None:
+        fill_with_real_data(cfg, world, buffer, device)
+
+    # 2. Student, optimizer, cosine schedule ----------------------------------------------------------------------
+    student = world.student
+    if cfg.optimizer == "sgd":
+        optimizer = torch.optim.SGD(student.parameters(), lr=cfg.lr, momentum=0.9, nesterov=True,
+                                    weight_decay=cfg.weight_decay)
+    else:
+        optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    warmup = max(1, cfg.student_steps // 50)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, cfg.student_steps)
+                                                                                / cfg.student_steps)))
+    student, optimizer = accelerator.prepare(student, optimizer)
+    plain_student = accelerator.unwrap_model(student)
+    # The generator reads a snapshot of the student, never the weights the optimizer is writing (engine/streams.py).
+    snapshot = copy.deepcopy(plain_student).eval().requires_grad_(False)
+    streams = StreamPair(device, cfg.use_streams)
+    kd_loss = WeightedSum({"kl": 1.0, "msarc": cfg.msarc}, name="L_kd")
+    log.info("synthesis: %s", generator.weighted.formula() if generator is not None else "real images (no synthesis)")
+    log.info("student:   %s  (kl = τ²·KL(p_T^τ ‖ p_S^τ), τ=%g)", kd_loss.formula(), cfg.tau)
+    batch_generator = torch.Generator().manual_seed(cfg.seed + 1)
+
+    # 3. Resume -------------------------------------------------------------------------------------------------------
+    state = LoopState()
+    if cfg.resume and outputs.has_checkpoint():
+        ckpt = outputs.load_checkpoint()
+        plain_student.load_state_dict(ckpt["student"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        schedule.load_state_dict(ckpt["schedule"])
+        buffer.load_state_dict(ckpt["buffer"])
+        state = LoopState(**ckpt["state"])
+        # Micro-batches that were in flight restart from their seeds (they finish in start order).
+        state.batches_started = state.batches_finished
+        state.last_start_tick = -(10**9)
+        set_rng_state(ckpt["rng"])
+        batch_generator.set_state(ckpt["batch_generator"])
+        log.info("resumed at tick %d, student step %d, %d images in the buffer", state.tick, state.student_step,
+                 len(buffer))
+
+    steps_per_batch = cfg.deepinv_iters if cfg.method == "deepinv" else cfg.sampler_steps
+    n_batches = math.ceil(cfg.images / cfg.gen_batch) if generator is not None else 0
+    stagger = max(1, steps_per_batch // cfg.in_flight)
+    rate = kd_rate(cfg, steps_per_batch) if cfg.schedule == "online" else 1.0
+    in_flight: list = []
+    window = {"images": 0, "start": time.time(), "kd": {}, "inv": {}, "skipped": 0}
+    run_start = time.time() - state.gen_seconds
+
+    # 4. The loop -----------------------------------------------------------------------------------------------------
+    while state.student_step < cfg.student_steps:
+        generating = state.batches_finished < n_batches
+
+        # 4a. Generation: snapshot the student, start a staggered micro-batch, one step for each in flight.
+        if generating:
+            with streams.on("gen"):
+                streams.wait("gen", "trained")
+                copy_weights(snapshot, plain_student)
+                streams.record("snapshotted", "gen")
+                if state.student_step >= cfg.adv_warmup and cfg.adv > 0:
+                    generator.set_weights(adv=cfg.adv)
+                due = state.tick - state.last_start_tick >= stagger
+                if due and len(in_flight) < cfg.in_flight and state.batches_started < n_batches:
+                    in_flight.append(generator.start(*micro_batch(cfg, state.batches_started, info.num_classes)))
+                    state.batches_started += 1
+                    state.last_start_tick = state.tick
+                for batch in in_flight:
+                    generator.step(batch, snapshot)
+                while in_flight and in_flight[0].done:  # equal step counts: batches finish in start order
+                    batch = in_flight.pop(0)
+                    images, logits = generator.finish(batch)
+                    buffer.add(images, logits, batch.label_weights, batch.seeds)
+                    state.batches_finished += 1
+                    window["images"] += len(batch)
+                    window["inv"] = batch.last_terms
+                    window["skipped"] = window["skipped"] + batch.skipped
+                streams.record("generated", "gen")
+
+        # 4b. Training: student updates from the replay buffer (online: while generating; offline: after).
+        ready = len(buffer) >= cfg.min_buffer and (cfg.schedule == "online" or not generating)
+        if ready:
+            state.kd_credit += rate if generating else max(rate, 1.0)
+            n_steps = min(int(state.kd_credit), cfg.student_steps - state.student_step)
+            state.kd_credit -= n_steps
+            with streams.on("train"):
+                streams.wait("train", "generated")
+                streams.wait("train", "snapshotted")
+                for _ in range(n_steps):
+                    window["kd"] = student_step(cfg, student, plain_student, teacher, view, buffer, optimizer,
+                                                accelerator, kd_loss, batch_generator)
+                    schedule.step()
+                    state.student_step += 1
+                    if state.student_step % cfg.log_every == 0 or state.student_step == cfg.student_steps:
+                        streams.join()
+                        log_metrics(cfg, state, window, buffer, world, plain_student, outputs, run_start, device)
+                streams.record("trained", "train")
+        state.tick += 1
+
+        # 4c. Checkpoint (host sync point).
+        if state.tick % cfg.checkpoint_every == 0:
+            streams.join()
+            state.gen_seconds = time.time() - run_start
+            outputs.save_checkpoint(plain_student, optimizer, schedule, buffer, state, rng_state(),
+                                    batch_generator.get_state())
+
+    # 5. Final evaluation and outputs ---------------------------------------------------------------------------------
+    streams.join()
+    state.gen_seconds = time.time() - run_start
+    final_acc = accuracy(plain_student, world.test_set, info, mean=world.teacher.mean, std=world.teacher.std,
+                         device=device)
+    state.best_acc = max(state.best_acc, final_acc)
+    outputs.save_checkpoint(plain_student, optimizer, schedule, buffer, state, rng_state(), batch_generator.get_state())
+    summary = {"student_acc": final_acc, "best_student_acc": state.best_acc, "student_steps": state.student_step,
+               "images": buffer.total_added, "ticks": state.tick, "wall_seconds": round(state.gen_seconds, 1),
+               "skipped_latent_steps": state.skipped_latent_steps}
+    outputs.write_final(plain_student, buffer, info, summary, arch=cfg.student, mean=world.teacher.mean,
+                        std=world.teacher.std, export=cfg.export)
+    return summary
+
+
+def student_step(cfg, student, plain_student, teacher, view, buffer, optimizer, accelerator, kd_loss, generator):
+    """One KD update: L_kd = τ²·KL(p_T^τ ‖ p_S^τ) + μ·L_mSARC on an augmented replay-buffer batch."""
+    images, cached_logits, _ = buffer.sample(cfg.batch_size, generator)
+    x = view.normalize(student_augment(images, cfg.aug_pad, cfg.aug_flip, generator))
+    use_msarc = cfg.msarc > 0
+    with accelerator.autocast():
+        with torch.no_grad():
+            if cfg.teacher_logits == "recompute" or use_msarc:
+                teacher_out = teacher(x, return_features=use_msarc)
+            teacher_logits, teacher_features = teacher_out if use_msarc else (teacher_out, None)
+            if cfg.teacher_logits == "cached":
+                teacher_logits = cached_logits
+        student_out = student(x, return_features=use_msarc)
+        student_logits, student_features = student_out if use_msarc else (student_out, None)
+        terms = {"kl": kd_kl_loss(student_logits.float(), teacher_logits.float(), cfg.tau)}
+        if use_msarc:
+            terms["msarc"] = msarc_loss(student_features, teacher_features, plain_student.classifier_weight(),
+                                        teacher.classifier_weight(), teacher_logits)
+        loss = kd_loss(terms)
+    optimizer.zero_grad(set_to_none=True)
+    accelerator.backward(loss)
+    optimizer.step()
+    return {k: v.detach() for k, v in terms.items()} | {"L_kd": loss.detach()}
+
+
+def fill_with_real_data(cfg: RunConfig, world: World, buffer: ReplayBuffer, device) -> None:
+    """real-kd: ``--images`` real training images (a seeded subset) with the teacher's logits."""
+    train_set, _ = load_dataset(cfg.dataset, "train", root=cfg.data_root or None)
+    pick = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(cfg.seed))[: cfg.images]
+    if hasattr(train_set, "images"):
+        images, labels = train_set.images[pick].float() / 255, train_set.labels[pick]
+    else:
+        images, labels = as_tensors(torch.utils.data.Subset(train_set, pick.tolist()))
+    for i in range(0, len(images), 500):
+        x = world.view.to_teacher_images(images[i : i + 500].to(device))
+        with torch.no_grad():
+            logits = world.teacher.model(world.view.normalize(x))
+        targets = torch.nn.functional.one_hot(labels[i : i + 500], world.info.num_classes).float()
+        buffer.add(x, logits, targets.to(device), pick[i : i + 500])
+
+
+def log_metrics(cfg, state, window, buffer, world, student, outputs: RunOutputs, run_start, device) -> None:
+    """One metrics.jsonl line (host syncs happen here, at log intervals only)."""
+    now = time.time()
+    line = {"tick": state.tick, "student_step": state.student_step, "images": buffer.total_added,
+            "buffer_fill": len(buffer) / buffer.capacity,
+            "images_per_s": window["images"] / max(now - window["start"], 1e-9),
+            "elapsed_s": round(now - run_start, 2)}
+    for prefix, terms in (("kd_", window["kd"]), ("inv_", window["inv"])):
+        for name, value in terms.items():
+            line[prefix + name] = float(value)
+    state.skipped_latent_steps += int(window["skipped"])
+    window["inv"], window["skipped"] = {}, 0
+    line["skipped_latent_steps"] = state.skipped_latent_steps
+    if device.type == "cuda":
+        line["gpu_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+    if state.student_step % cfg.eval_every == 0 and state.student_step < cfg.student_steps:
+        line["student_acc"] = accuracy(student, world.test_set, world.info, mean=world.teacher.mean,
+                                       std=world.teacher.std, device=device)
+        state.best_acc = max(state.best_acc, line["student_acc"])
+    outputs.log(line)
+    window["images"], window["start"] = 0, now
+

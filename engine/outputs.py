@@ -1,0 +1,159 @@
+"""The run directory (SPEC §6): config.json, metrics.jsonl, student.safetensors (+ .json), samples.png,
+checkpoint.pt, and the optional synthetic ImageFolder export. Every file is written atomically; only the main
+process writes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+from engine.checkpoints import atomic_dir, atomic_path, atomic_save_safetensors, atomic_torch_save, atomic_write_json
+from engine.errors import UserError
+
+log = logging.getLogger(__name__)
+
+
+def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse to clobber a previous run unless asked; check the folder is writable before any work starts."""
+    if run_dir.exists() and any(run_dir.iterdir()):
+        if resume:
+            if not (run_dir / "checkpoint.pt").exists():
+                raise UserError(f"--resume: {run_dir} has no checkpoint.pt to resume from; drop --resume to start anew")
+            return
+        if not overwrite:
+            raise UserError(f"{run_dir} already holds a run; pass --resume to continue it or --overwrite to replace it")
+        shutil.rmtree(run_dir)
+    elif resume:
+        raise UserError(f"--resume: {run_dir} does not exist; drop --resume to start a new run")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise UserError(f"cannot write to run directory {run_dir} ({err.strerror}); pass a writable --run-dir") from None
+
+
+class RunOutputs:
+    def __init__(self, run_dir: str | os.PathLike, is_main: bool = True, live=None):
+        self.dir = Path(run_dir)
+        self.is_main = is_main
+        self.live = live  # optional callback(line) for the terminal display
+
+    # --- config and metrics ---------------------------------------------------------------------------------------
+    def write_config(self, config: dict) -> None:
+        if self.is_main:
+            atomic_write_json(config, self.dir / "config.json")
+
+    def log(self, line: dict) -> None:
+        if not self.is_main:
+            return
+        with open(self.dir / "metrics.jsonl", "a") as f:  # append-only: a partial last line is the worst case
+            f.write(json.dumps(line) + "\n")
+        if self.live is not None:
+            self.live(line)
+        else:
+            shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in line.items()
+                     if k in ("student_step", "images", "images_per_s", "kd_L_kd", "inv_L_inv", "student_acc")}
+            log.info(" ".join(f"{k}={v}" for k, v in shown.items()))
+
+    # --- checkpoints ----------------------------------------------------------------------------------------------
+    def has_checkpoint(self) -> bool:
+        return (self.dir / "checkpoint.pt").exists()
+
+    def save_checkpoint(self, student, optimizer, schedule, buffer, state, rng, batch_generator_state) -> None:
+        if not self.is_main:
+            return
+        atomic_torch_save({
+            "student": student.state_dict(), "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
+            "buffer": buffer.state_dict(), "state": vars(state).copy(), "rng": rng,
+            "batch_generator": batch_generator_state,
+        }, self.dir / "checkpoint.pt")
+
+    def load_checkpoint(self) -> dict:
+        path = self.dir / "checkpoint.pt"
+        try:
+            return torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as err:
+            raise UserError(f"cannot read {path} ({type(err).__name__}); it is corrupt: start anew with --overwrite")
+
+    # --- final outputs --------------------------------------------------------------------------------------------
+    def write_final(self, student, buffer, info, summary: dict, arch: str = "", mean=(), std=(),
+                    export: bool = False) -> None:
+        if not self.is_main:
+            return
+        atomic_save_safetensors(student.state_dict(), self.dir / "student.safetensors")
+        sidecar = {"arch": arch, "class_names": list(info.class_names), "mean": list(mean), "std": list(std),
+                   "in_channels": buffer.images.shape[1], "image_size": buffer.images.shape[-1],
+                   "test_accuracy": summary["student_acc"], "best_test_accuracy": summary["best_student_acc"]}
+        atomic_write_json(sidecar, self.dir / "student.json")
+        images, _, targets, seeds = buffer.contents()
+        if len(images):
+            save_class_grid(images, targets.argmax(1), info.num_classes, self.dir / "samples.png")
+        if export:
+            export_image_folder(buffer, info.class_names, self.dir / "synthetic")
+        atomic_write_json(summary, self.dir / "summary.json")
+
+
+def save_class_grid(images: torch.Tensor, labels: torch.Tensor, num_classes: int, path: Path, per_class: int = 10,
+                    upscale: int = 2) -> None:
+    """A grid with one row per class (first ``per_class`` images of each); empty cells stay black."""
+    from torchvision.utils import save_image
+
+    c, h, w = images.shape[1:]
+    rows = []
+    for k in range(num_classes):
+        picked = images[labels == k][:per_class].cpu()
+        row = torch.zeros(per_class, c, h, w)
+        row[: len(picked)] = picked
+        rows.append(row)
+    grid = torch.cat(rows)
+    if upscale > 1:
+        grid = torch.nn.functional.interpolate(grid, scale_factor=upscale, mode="nearest")
+    with atomic_path(path) as tmp:
+        save_image(grid, tmp, nrow=per_class, padding=2, format="png")
+
+
+def export_image_folder(buffer, class_names, out: Path) -> None:
+    """The synthetic set as ``out/<class>/<index>.png`` + ``labels.pt`` (targets, teacher logits, seeds)."""
+    from torchvision.utils import save_image
+
+    images, logits, targets, seeds = buffer.contents()
+    hard = targets.argmax(1)
+    with atomic_dir(out) as tmp:
+        for name in class_names:
+            (tmp / name.replace("/", "_")).mkdir()
+        files = []
+        for i in range(len(images)):
+            rel = f"{class_names[int(hard[i])].replace('/', '_')}/{i:06d}.png"
+            save_image(images[i].cpu(), tmp / rel, format="png")
+            files.append(rel)
+        torch.save({"files": files, "targets": targets.cpu(), "teacher_logits": logits.cpu(), "seeds": seeds.cpu(),
+                    "class_names": list(class_names)}, tmp / "labels.pt")
+
+
+def live_display():
+    """A rich status line on a terminal; None (plain log lines) otherwise."""
+    if not sys.stderr.isatty():
+        return None, None
+    from rich.console import Console
+    from rich.live import Live
+    from rich.table import Table
+
+    live = Live(console=Console(stderr=True), refresh_per_second=4, transient=False)
+
+    def update(line: dict) -> None:
+        table = Table.grid(padding=(0, 2))
+        keys = ["student_step", "images", "buffer_fill", "images_per_s", "kd_L_kd", "inv_L_inv", "student_acc"]
+        table.add_row(*[f"[bold]{k}[/]" for k in keys if k in line])
+        table.add_row(*[f"{line[k]:.4g}" if isinstance(line[k], float) else str(line[k]) for k in keys if k in line])
+        live.update(table)
+
+    return live, update

@@ -1,0 +1,63 @@
+"""A tensor ring buffer of finished synthetic images on the training device (SPEC §4), not PNG files.
+
+Images are stored as uint8 at the teacher's resolution (what a PNG would keep, 4x less memory than float),
+with the teacher's logits at synthesis, the soft target labels (CutMix keeps two classes) and the sample seeds.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class ReplayBuffer:
+    def __init__(self, capacity: int, image_shape: tuple[int, int, int], num_classes: int, device="cpu"):
+        self.capacity = capacity
+        self.images = torch.zeros((capacity, *image_shape), dtype=torch.uint8, device=device)  # (N, C, H, W)
+        self.logits = torch.zeros((capacity, num_classes), device=device)
+        self.targets = torch.zeros((capacity, num_classes), device=device)
+        self.seeds = torch.full((capacity,), -1, dtype=torch.long, device=device)
+        self.size = 0  # filled slots (host-side counters: no device sync to know the fill)
+        self.cursor = 0  # next slot to write
+        self.total_added = 0
+
+    def __len__(self) -> int:
+        return self.size
+
+    def add(self, images: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor, seeds: torch.Tensor) -> None:
+        """Append a batch (images in [0, 1]); the oldest entries are overwritten once full."""
+        n = len(images)
+        slots = (self.cursor + torch.arange(n)) % self.capacity
+        slots = slots.to(self.images.device)
+        self.images[slots] = (images.detach().clamp(0, 1) * 255).round().to(torch.uint8)
+        self.logits[slots] = logits.detach().float()
+        self.targets[slots] = targets.detach().float()
+        self.seeds[slots] = seeds.to(self.seeds.device)
+        self.cursor = (self.cursor + n) % self.capacity
+        self.size = min(self.size + n, self.capacity)
+        self.total_added += n
+
+    def sample(self, batch_size: int, generator: torch.Generator | None = None):
+        """A uniform random batch: (images float [0, 1], cached teacher logits, soft targets)."""
+        if self.size == 0:
+            raise RuntimeError("the replay buffer is empty")
+        idx = torch.randint(0, self.size, (batch_size,), generator=generator).to(self.images.device)
+        return self.images[idx].float() / 255.0, self.logits[idx], self.targets[idx]
+
+    def contents(self):
+        """Everything stored, oldest first: (images float, logits, targets, seeds)."""
+        order = torch.arange(self.size) if self.size < self.capacity else (self.cursor + torch.arange(self.size)) % self.capacity
+        order = order.to(self.images.device)
+        return self.images[order].float() / 255.0, self.logits[order], self.targets[order], self.seeds[order]
+
+    def state_dict(self) -> dict:
+        return {"images": self.images[: self.size].cpu(), "logits": self.logits[: self.size].cpu(),
+                "targets": self.targets[: self.size].cpu(), "seeds": self.seeds[: self.size].cpu(),
+                "cursor": self.cursor, "total_added": self.total_added}
+
+    def load_state_dict(self, state: dict) -> None:
+        n = len(state["images"])
+        self.images[:n] = state["images"].to(self.images.device)
+        self.logits[:n] = state["logits"].to(self.logits.device)
+        self.targets[:n] = state["targets"].to(self.targets.device)
+        self.seeds[:n] = state["seeds"].to(self.seeds.device)
+        self.size, self.cursor, self.total_added = n, state["cursor"], state["total_added"]
