@@ -115,6 +115,25 @@ def save_prior(unet: UNet2DModel, scheduler: DDPMScheduler, provenance: dict, ou
         (tmp / "provenance.json").write_text(json.dumps(provenance, indent=2) + "\n")
 
 
+@torch.no_grad()
+def write_prior_grid(folder: Path, per_class: int = 10, steps: int = 25, guidance_scale: float = 2.0) -> None:
+    """What the prior knows before any teacher steers it: unguided DDIM samples, one row per class."""
+    from engine.outputs import save_class_grid
+    from engine.sampler import GuidanceConfig, GuidedSampler, TeacherView
+    from models.convnet import convnet
+    from models.priors import load_prior
+
+    provenance = json.loads((folder / "provenance.json").read_text())
+    classes = provenance["class_names"]
+    prior = load_prior(str(folder), classes)
+    unguided = GuidanceConfig(bn=0, cls=0, adv=0, steps=steps, guidance_scale=guidance_scale)
+    view = TeacherView(prior.image_size, prior.image_channels, (0.0,), (1.0,))
+    sampler = GuidedSampler(prior, convnet(8)(len(classes), prior.image_channels), view, len(classes), unguided)
+    labels = torch.arange(len(classes)).repeat_interleave(per_class)
+    images, _, _ = sampler.sample(labels, torch.arange(len(labels)))
+    save_class_grid(images, labels, len(classes), folder / "samples.png", per_class=per_class)
+
+
 @exits_cleanly
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -122,11 +141,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("models/weights/prior-digits"))
+    parser.add_argument("--grid-only", action="store_true", help="only (re)draw samples.png of an existing prior")
     args = parser.parse_args(argv)
     setup_logging()
+    if args.grid_only:
+        write_prior_grid(args.out)
+        return 0
     unet, scheduler, provenance = train_prior(args.steps, args.batch_size, seed=args.seed)
     provenance["command"] = f"python -m engine.train_prior --steps {args.steps} --batch-size {args.batch_size} --seed {args.seed}"
     save_prior(unet, scheduler, provenance, args.out)
+    write_prior_grid(args.out)
     log.info("saved the prior to %s", args.out)
     return 0
 

@@ -1,0 +1,100 @@
+"""Accuracy of every method on the default world, in the same engine, at the same synthetic-image budget and the
+same number of student steps; several seeds; mean ± std of the last-step accuracy (best-step reported beside it,
+never used for selection).
+
+    python -m benchmarks.accuracy --seeds 0 1 2 --images 2000 --student-steps 2000
+
+Rows: teacher; student from scratch on real data; real-data KD; DeepInversion; DM-KD; DiffDFKD offline; ours online.
+Each engine run is a subprocess ``python -m engine.run ...`` exactly as a user would type it; its run directory is
+kept under ``--runs`` so every number can be traced to its config.json and metrics.jsonl.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from benchmarks.common import result_metadata, write_results
+
+METHODS = {
+    "real-kd": ["--method", "real-kd"],
+    "deepinv": ["--method", "deepinv"],
+    "dmkd": ["--method", "dmkd"],
+    "diffdfkd-offline": ["--method", "diffdfkd", "--schedule", "offline"],
+    "ours-online": ["--method", "diffdfkd", "--schedule", "online"],
+}
+
+
+def run_engine(name: str, flags: list[str], run_dir: Path, reuse: bool) -> dict:
+    summary = run_dir / "summary.json"
+    if reuse and summary.exists():
+        return json.loads(summary.read_text())
+    command = [sys.executable, "-m", "engine.run", "--run-dir", str(run_dir), "--overwrite", *flags]
+    print(f"[{time.strftime('%H:%M:%S')}] {name}: {' '.join(command[1:])}", flush=True)
+    subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+    return json.loads(summary.read_text())
+
+
+def scratch_student(args, seed: int, out: Path, reuse: bool) -> dict:
+    """The student trained from scratch on the real images with labels (same image count and steps)."""
+    meta = out.with_suffix(".json")
+    if not (reuse and meta.exists()):
+        epochs = args.student_steps * 128 / args.images
+        subprocess.run([sys.executable, "-m", "engine.train_teacher", "--arch", "convnet-w16", "--dataset", "mnist",
+                        "--split", "train", "--limit", str(args.images), "--epochs", f"{epochs:.4f}",
+                        "--seed", str(seed), "--out", str(out)], check=True, stderr=subprocess.DEVNULL)
+    return {"student_acc": json.loads(meta.read_text())["test_accuracy"]}
+
+
+def summarize(values: list[float]) -> dict:
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--images", type=int, default=2000)
+    parser.add_argument("--student-steps", type=int, default=2000)
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--runs", type=Path, default=Path("runs/bench-accuracy"))
+    parser.add_argument("--reuse", action="store_true", help="reuse finished runs under --runs")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/accuracy.json"))
+    parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="flags passed to every engine run")
+    args = parser.parse_args(argv)
+
+    teacher = json.loads(subprocess.run([sys.executable, "-m", "engine.evaluate", "--teacher", "default",
+                                         "--dataset", "mnist"], check=True, capture_output=True, text=True).stdout)
+    results = {"teacher": {"accuracy": teacher["accuracy"]}, "methods": {}}
+    budget = ["--images", str(args.images), "--student-steps", str(args.student_steps)]
+    rows = {"scratch-real": []}
+    for seed in args.seeds:
+        rows["scratch-real"].append(scratch_student(args, seed, args.runs / f"scratch-real-s{seed}", args.reuse))
+    for name in args.methods:
+        rows[name] = []
+        for seed in args.seeds:
+            run_dir = args.runs / f"{name}-s{seed}"
+            summary = run_engine(name, [*METHODS[name], *budget, "--seed", str(seed), *args.extra], run_dir,
+                                 args.reuse)
+            rows[name].append(summary)
+    for name, runs in rows.items():
+        last = [r["student_acc"] for r in runs]
+        entry = {"seeds": args.seeds, "last": last, "last_mean_std": summarize(last)}
+        if "best_student_acc" in runs[0]:
+            entry["best"] = [r["best_student_acc"] for r in runs]
+            entry["wall_seconds"] = [r.get("wall_seconds") for r in runs]
+        results["methods"][name] = entry
+    results["budget"] = {"images": args.images, "student_steps": args.student_steps, "extra_flags": args.extra}
+    write_results(args.out, results | result_metadata(argv))
+    for name, entry in results["methods"].items():
+        s = entry["last_mean_std"]
+        print(f"{name:18s} {100 * s['mean']:6.2f} ± {100 * s['std']:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
