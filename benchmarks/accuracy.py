@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-from benchmarks.common import result_metadata, write_results
+from benchmarks.common import RESULTS_DIR, run_metadata, write_results
+from benchmarks.engine_runs import run_engine, seed_rows
 
 METHODS = {
     "real-kd": ["--method", "real-kd"],
@@ -28,16 +27,6 @@ METHODS = {
     "diffdfkd-offline": ["--method", "diffdfkd", "--schedule", "offline"],
     "ours-online": ["--method", "diffdfkd", "--schedule", "online"],
 }
-
-
-def run_engine(name: str, flags: list[str], run_dir: Path, reuse: bool) -> dict:
-    summary = run_dir / "summary.json"
-    if reuse and summary.exists():
-        return json.loads(summary.read_text())
-    command = [sys.executable, "-m", "engine.run", "--run-dir", str(run_dir), "--overwrite", *flags]
-    print(f"[{time.strftime('%H:%M:%S')}] {name}: {' '.join(command[1:])}", flush=True)
-    subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
-    return json.loads(summary.read_text())
 
 
 def scratch_student(args, seed: int, out: Path, reuse: bool) -> dict:
@@ -51,10 +40,6 @@ def scratch_student(args, seed: int, out: Path, reuse: bool) -> dict:
     return {"student_acc": json.loads(meta.read_text())["test_accuracy"]}
 
 
-def summarize(values: list[float]) -> dict:
-    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0}
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -63,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--runs", type=Path, default=Path("runs/bench-accuracy"))
     parser.add_argument("--reuse", action="store_true", help="reuse finished runs under --runs")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/accuracy.json"))
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR / "accuracy.json")
     parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="flags passed to every engine run")
     args = parser.parse_args(argv)
 
@@ -82,14 +67,9 @@ def main(argv: list[str] | None = None) -> int:
                                  args.reuse)
             rows[name].append(summary)
     for name, runs in rows.items():
-        last = [r["student_acc"] for r in runs]
-        entry = {"seeds": args.seeds, "last": last, "last_mean_std": summarize(last)}
-        if "best_student_acc" in runs[0]:
-            entry["best"] = [r["best_student_acc"] for r in runs]
-            entry["wall_seconds"] = [r.get("wall_seconds") for r in runs]
-        results["methods"][name] = entry
+        results["methods"][name] = seed_rows(runs, args.seeds)
     results["budget"] = {"images": args.images, "student_steps": args.student_steps, "extra_flags": args.extra}
-    write_results(args.out, results | result_metadata(argv))
+    write_results(results | run_metadata("benchmarks.accuracy", argv), args.out)
     for name, entry in results["methods"].items():
         s = entry["last_mean_std"]
         print(f"{name:18s} {100 * s['mean']:6.2f} ± {100 * s['std']:.2f}")

@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from benchmarks.common import result_metadata, write_results
+from benchmarks.common import RESULTS_DIR, run_metadata, write_results
 
 # Dense bf16 tensor-core peaks (FLOP/s) by device-name substring.
 PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12, "4090": 165e12}
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cpu-sized", action="store_true", help="the default world instead of SD-1.5 at 512 px")
     parser.add_argument("--batch", type=int, default=0, help="ours: micro-batch size (default 16 CUDA, 50 CPU)")
     parser.add_argument("--steps", type=int, default=10, help="sampler steps per image")
-    parser.add_argument("--out", default="benchmarks/results/throughput.json")
+    parser.add_argument("--out", default=RESULTS_DIR / "throughput.json")
     args = parser.parse_args(argv)
 
     from engine.classifiers import DEFAULT_PRIOR, resolve_classifier
@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     results["achieved_tflops"] = achieved / 1e12
     peak = next((v for k, v in PEAK_BF16.items() if k in results["device"]), None)
     results["mfu"] = achieved / peak if peak else None
-    write_results(args.out, results | result_metadata(argv))
+    write_results(results | run_metadata("benchmarks.throughput", argv), args.out)
     print({k: v for k, v in results.items() if k not in ("command", "machine")})
     return 0
 

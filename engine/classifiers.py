@@ -19,7 +19,7 @@ from torch import nn
 import models
 from engine.datasets import DatasetInfo
 from engine.errors import UserError
-from models.registry import CheckpointError, build_classifier, load_weights
+from models.registry import build_classifier, load_weights
 
 WEIGHTS_DIR = Path(models.__file__).parent / "weights"
 PRETRAINED = {"default": "teacher-mnist", "teacher-mnist": "teacher-mnist"}
@@ -44,7 +44,15 @@ class ClassifierSpec:
 
 def _sidecar(path: Path) -> dict:
     meta = path.with_suffix(".json")
-    return json.loads(meta.read_text()) if meta.exists() else {}
+    if not meta.exists():
+        return {}
+    try:
+        provenance = json.loads(meta.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise UserError(f"cannot read the sidecar {meta} ({type(err).__name__}); fix or delete it") from None
+    if not isinstance(provenance, dict):
+        raise UserError(f"the sidecar {meta} is not a JSON object; fix or delete it")
+    return provenance
 
 
 def resolve_classifier(spec: str, info: DatasetInfo, arch: str | None = None) -> ClassifierSpec:
@@ -52,7 +60,8 @@ def resolve_classifier(spec: str, info: DatasetInfo, arch: str | None = None) ->
     if spec in PRETRAINED:
         path = WEIGHTS_DIR / f"{PRETRAINED[spec]}.safetensors"
         if not path.exists():
-            raise UserError(f"the pretrained teacher '{spec}' is missing at {path}; run: python -m engine.train_teacher")
+            raise UserError(f"the pretrained teacher '{spec}' is missing at {path}; "
+                            "run: python -m engine.train_teacher")
     elif Path(spec).suffix in (".safetensors", ".pt", ".pth", ".bin") or Path(spec).exists():
         path = Path(spec)
         if not path.is_file():
@@ -66,7 +75,8 @@ def resolve_classifier(spec: str, info: DatasetInfo, arch: str | None = None) ->
     provenance = _sidecar(path)
     arch = arch or provenance.get("arch")
     if arch is None:
-        raise UserError(f"cannot tell the architecture of {path}; pass --arch (or --teacher-arch/--student-arch)")
+        raise UserError(f"cannot tell the architecture of {path}; pass --arch (engine.evaluate) "
+                        "or --teacher-arch (engine.run)")
     num_classes = len(provenance.get("class_names", info.class_names))
     if num_classes != info.num_classes:
         raise UserError(
@@ -76,10 +86,8 @@ def resolve_classifier(spec: str, info: DatasetInfo, arch: str | None = None) ->
     try:
         model = build_classifier(arch, num_classes, provenance.get("in_channels", info.channels))
         load_weights(model, path, arch)
-    except KeyError as err:
+    except (KeyError, ValueError) as err:  # unknown architecture, bad module:callable, CheckpointError
         raise UserError(err.args[0]) from None
-    except CheckpointError as err:
-        raise UserError(str(err)) from None
     mean = tuple(provenance.get("mean", info.mean))
     std = tuple(provenance.get("std", info.std))
     return ClassifierSpec(model.eval(), arch, mean, std, str(path), provenance)

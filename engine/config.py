@@ -128,7 +128,10 @@ class RunConfig:
             cfg.repair_steps = 0
         if cfg.buffer_capacity == 0:
             cfg.buffer_capacity = cfg.images
-        cfg.min_buffer = min(cfg.min_buffer, cfg.images)
+        if cfg.buffer_capacity < min(cfg.gen_batch, cfg.images):
+            raise UserError(f"--buffer-capacity {cfg.buffer_capacity} is smaller than a generation micro-batch "
+                            f"({cfg.gen_batch}); raise it (0 = the image budget)")
+        cfg.min_buffer = min(cfg.min_buffer, cfg.images, cfg.buffer_capacity)
         return cfg
 
     def to_json(self) -> str:
@@ -154,7 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
             action = "store_false" if f.default else "store_true"
             parser.add_argument(_flag(f), dest=f.name, action=action, default=f.default, help=help_text)
         elif typing.get_origin(kind) is Literal:
-            parser.add_argument(_flag(f), dest=f.name, choices=typing.get_args(kind), default=f.default, help=help_text)
+            parser.add_argument(_flag(f), dest=f.name, choices=typing.get_args(kind), default=f.default,
+                                help=help_text)
         else:
             parser.add_argument(_flag(f), dest=f.name, type=kind, default=f.default, help=help_text)
     return parser

@@ -35,7 +35,8 @@ MNIST_MEAN, MNIST_STD = (0.1307,), (0.3081,)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 ANIMAL_CLASSES = ("bear", "bird", "cat", "cow", "dog", "elephant", "giraffe", "horse", "sheep", "zebra")
-FASHION_CLASSES = ("t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot")
+FASHION_CLASSES = ("t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag",
+                   "ankle boot")
 DIGIT_CLASSES = tuple(str(i) for i in range(10))
 
 
@@ -158,9 +159,10 @@ def load_animal_mnist(split: str = "test", root=None) -> tuple[TensorImageDatase
     Label order follows the package description (bear ... zebra, alphabetical)."""
     _check_split("animal-mnist", split, ("all", "train", "test"))
     hint = "pip install --no-deps animal-mnist"
-    with gzip.open(_package_file("animal_mnist", "data", "Animal_MNIST", "animal_data_version_3.gz", install_hint=hint)) as f:
+    folder = ("data", "Animal_MNIST")
+    with gzip.open(_package_file("animal_mnist", *folder, "animal_data_version_3.gz", install_hint=hint)) as f:
         x = np.asarray(pickle.load(f), dtype=np.uint8)
-    with gzip.open(_package_file("animal_mnist", "data", "Animal_MNIST", "animal_label_version_3.gz", install_hint=hint)) as f:
+    with gzip.open(_package_file("animal_mnist", *folder, "animal_label_version_3.gz", install_hint=hint)) as f:
         y = np.asarray(pickle.load(f), dtype=np.int64)
     if split != "all":
         keep = _split_indices(y, split)
@@ -241,7 +243,8 @@ def load_tiny_imagenet(split: str = "test", root=None):
     _check_split("tiny-imagenet", split, ("train", "val", "test"))
     base = data_root(root) / "tiny-imagenet-200"
     if not (base / "wnids.txt").exists():
-        raise UserError(f"Tiny-ImageNet not found: expected {base}/wnids.txt; unzip tiny-imagenet-200.zip into {base.parent}")
+        raise UserError(f"Tiny-ImageNet not found: expected {base}/wnids.txt; "
+                        f"unzip tiny-imagenet-200.zip into {base.parent}")
     wnids = (base / "wnids.txt").read_text().split()
     index = {w: i for i, w in enumerate(wnids)}
     if split == "train":
@@ -259,7 +262,8 @@ def load_domainnet(domain: str, split: str = "test", root=None, image_size: int 
     base = data_root(root) / "domainnet"
     listing = base / f"{domain}_{split}.txt"
     if not listing.exists():
-        raise UserError(f"DomainNet split list not found: {listing}; unpack the '{domain}' archive and lists into {base}")
+        raise UserError(f"DomainNet split list not found: {listing}; "
+                        f"unpack the '{domain}' archive and lists into {base}")
     samples, names = [], {}
     for line in listing.read_text().splitlines():
         rel, label = line.rsplit(" ", 1)

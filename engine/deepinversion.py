@@ -49,7 +49,7 @@ class DeepInversionGenerator:
         self.weights = {"bn": bn, "cls": cls, "adv": 0.0}
         self.adv_weight = adv
         self.weighted = WeightedSum(self.weights, name="L_deepinv")
-        self.bn_hooks = BNStatHooks(teacher, first_multiplier=first_bn_multiplier)
+        self.first_bn_multiplier = first_bn_multiplier
         self.device = next(teacher.parameters()).device
 
     def set_weights(self, **weights: float) -> None:
@@ -68,9 +68,9 @@ class DeepInversionGenerator:
     @torch.enable_grad()
     def step(self, batch: PixelBatch, student: nn.Module | None = None) -> None:
         x = self.view.normalize(batch.pixels)
-        with self.bn_hooks:
+        with BNStatHooks(self.teacher, first_multiplier=self.first_bn_multiplier) as bn_hooks:  # one forward
             logits = self.teacher(x)
-        terms = {"bn": self.bn_hooks.loss(), "cls": class_prior_loss(logits, batch.label_weights)}
+            terms = {"bn": bn_hooks.loss(), "cls": class_prior_loss(logits, batch.label_weights)}
         if self.weights["adv"] and student is not None:
             terms["adv"] = adversarial_loss(logits, student(x), divergence=self.divergence)
         elif self.weights["adv"]:

@@ -51,6 +51,7 @@ class LoopState:
     skipped_latent_steps: int = 0
     skipped_kd_steps: int = 0
     best_acc: float = 0.0
+    last_acc: float = 0.0  # test accuracy at the last evaluation (the final step always evaluates)
     gen_seconds: float = 0.0  # wall time the run has spent (restored on resume, so images/s stays honest)
 
 
@@ -62,17 +63,19 @@ def micro_batch(cfg: RunConfig, index: int, num_classes: int) -> tuple[torch.Ten
     return ids % num_classes, cfg.seed * 10_000_000 + ids
 
 
-def kd_rate(cfg: RunConfig, steps_per_batch: int) -> float:
-    """Student steps per tick so that training spans the generation ticks (online), or 1 per tick once all
-    images exist (offline / after generation)."""
+def kd_rate(cfg: RunConfig, steps_per_batch: int, batches_left: int, steps_left: int, buffered: int = 0) -> float:
+    """Student steps per tick so that the ``steps_left`` steps span the ticks that generate the ``batches_left``
+    remaining micro-batches, from the first tick the buffer (now ``buffered`` images) holds ``min_buffer``. Counted
+    from the current state, so a resumed run, whose in-flight micro-batches restart, still makes every image."""
     if cfg.kd_steps_per_tick:
         return float(cfg.kd_steps_per_tick)
-    n_batches = math.ceil(cfg.images / cfg.gen_batch)
+    if batches_left <= 0:  # nothing left to generate (real-data KD, or a run resumed after synthesis)
+        return 1.0
     stagger = max(1, steps_per_batch // cfg.in_flight)
-    gen_ticks = (n_batches - 1) * stagger + steps_per_batch
-    first_fill = (math.ceil(cfg.min_buffer / cfg.gen_batch) - 1) * stagger + steps_per_batch
-    window = max(1, gen_ticks - first_fill + 1)
-    return cfg.student_steps / window
+    gen_ticks = (batches_left - 1) * stagger + steps_per_batch
+    batches_to_fill = math.ceil(max(0, cfg.min_buffer - buffered) / cfg.gen_batch)
+    first_training_tick = (batches_to_fill - 1) * stagger + steps_per_batch - 1 if batches_to_fill else 0
+    return steps_left / max(1, gen_ticks - first_training_tick)
 
 
 def set_seed(seed: int) -> None:
@@ -148,7 +151,10 @@ def co_train(cfg: RunConfig, world: World, accelerator: Accelerator, outputs: Ru
     steps_per_batch = cfg.deepinv_iters if cfg.method == "deepinv" else cfg.sampler_steps
     n_batches = math.ceil(cfg.images / cfg.gen_batch) if generator is not None else 0
     stagger = max(1, steps_per_batch // cfg.in_flight)
-    rate = kd_rate(cfg, steps_per_batch) if cfg.schedule == "online" else 1.0
+    rate = 1.0  # offline: one student step per tick once every image exists
+    if cfg.schedule == "online":
+        rate = kd_rate(cfg, steps_per_batch, batches_left=n_batches - state.batches_finished,
+                       steps_left=cfg.student_steps - state.student_step, buffered=len(buffer))
     in_flight: list = []
     window = {"images": 0, "start": time.time(), "kd": {}, "inv": {}, "skipped": 0}
     run_start = time.time() - state.gen_seconds
@@ -209,13 +215,12 @@ def co_train(cfg: RunConfig, world: World, accelerator: Accelerator, outputs: Ru
             outputs.save_checkpoint(plain_student, optimizer, schedule, buffer, state, rng_state(),
                                     batch_generator.get_state())
 
-    # 5. Final evaluation and outputs ---------------------------------------------------------------------------------
+    # 5. Final outputs (the last metrics line has evaluated the student) -------------------------------------------
     streams.join()
     state.gen_seconds = time.time() - run_start
-    final_acc = accuracy(plain_student, world.test_set, info, mean=world.teacher.mean, std=world.teacher.std,
-                         device=device)
-    state.best_acc = max(state.best_acc, final_acc)
-    outputs.save_checkpoint(plain_student, optimizer, schedule, buffer, state, rng_state(), batch_generator.get_state())
+    final_acc = state.last_acc  # evaluated by the metrics line of the last student step
+    outputs.save_checkpoint(plain_student, optimizer, schedule, buffer, state, rng_state(),
+                            batch_generator.get_state())
     summary = {"student_acc": final_acc, "best_student_acc": state.best_acc, "student_steps": state.student_step,
                "images": buffer.total_added, "ticks": state.tick, "wall_seconds": round(state.gen_seconds, 1),
                "skipped_latent_steps": state.skipped_latent_steps}
@@ -280,10 +285,11 @@ def log_metrics(cfg, state, window, buffer, world, student, outputs: RunOutputs,
     line["skipped_latent_steps"] = state.skipped_latent_steps
     if device.type == "cuda":
         line["gpu_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
-    if state.student_step % cfg.eval_every == 0 and state.student_step < cfg.student_steps:
-        line["student_acc"] = accuracy(student, world.test_set, world.info, mean=world.teacher.mean,
-                                       std=world.teacher.std, device=device)
-        state.best_acc = max(state.best_acc, line["student_acc"])
+    if state.student_step % cfg.eval_every == 0 or state.student_step == cfg.student_steps:
+        state.last_acc = accuracy(student, world.test_set, world.info, mean=world.teacher.mean,
+                                  std=world.teacher.std, device=device)
+        state.best_acc = max(state.best_acc, state.last_acc)
+        line["student_acc"] = state.last_acc
     outputs.log(line)
     window["images"], window["start"] = 0, now
 

@@ -20,25 +20,40 @@ from engine.errors import UserError
 log = logging.getLogger(__name__)
 
 
-def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
-    """Refuse to clobber a previous run unless asked; check the folder is writable before any work starts."""
-    if run_dir.exists() and any(run_dir.iterdir()):
-        if resume:
-            if not (run_dir / "checkpoint.pt").exists():
-                raise UserError(f"--resume: {run_dir} has no checkpoint.pt to resume from; drop --resume to start anew")
-            return
-        if not overwrite:
-            raise UserError(f"{run_dir} already holds a run; pass --resume to continue it or --overwrite to replace it")
-        shutil.rmtree(run_dir)
+def check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse to clobber a previous run unless asked, or a folder that cannot be made; writes nothing, so it runs
+    before the (possibly slow) world is built and a bad flag leaves the disk untouched."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"--run-dir {run_dir} is a file; pass a folder")
+    if run_dir.is_dir() and any(run_dir.iterdir()):
+        if resume and not (run_dir / "checkpoint.pt").exists():
+            raise UserError(f"--resume: {run_dir} has no checkpoint.pt to resume from; drop --resume to start anew")
+        if not resume and not overwrite:
+            raise UserError(f"{run_dir} already holds a run; pass --resume to continue it "
+                            "or --overwrite to replace it")
     elif resume:
-        raise UserError(f"--resume: {run_dir} does not exist; drop --resume to start a new run")
+        raise UserError(f"--resume: {run_dir} holds no run; drop --resume to start a new run")
+    ancestor = run_dir.absolute()
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir() or not os.access(ancestor, os.W_OK | os.X_OK):
+        raise UserError(f"cannot create run directory {run_dir} ({ancestor} is not a writable folder); "
+                        "pass a writable --run-dir")
+
+
+def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
+    """After the world is built: clear the old run (--overwrite), create the folder and prove it is writable."""
+    check_run_dir(run_dir, resume, overwrite)
+    if overwrite and run_dir.is_dir():
+        shutil.rmtree(run_dir)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         probe = run_dir / ".write-test"
         probe.write_text("")
         probe.unlink()
     except OSError as err:
-        raise UserError(f"cannot write to run directory {run_dir} ({err.strerror}); pass a writable --run-dir") from None
+        raise UserError(f"cannot write to run directory {run_dir} ({err.strerror}); "
+                        "pass a writable --run-dir") from None
 
 
 class RunOutputs:
@@ -82,7 +97,8 @@ class RunOutputs:
         try:
             return torch.load(path, map_location="cpu", weights_only=False)
         except Exception as err:
-            raise UserError(f"cannot read {path} ({type(err).__name__}); it is corrupt: start anew with --overwrite")
+            raise UserError(f"cannot read {path} ({type(err).__name__}); it is corrupt: "
+                            "start anew with --overwrite") from None
 
     # --- final outputs --------------------------------------------------------------------------------------------
     def write_final(self, student, buffer, info, summary: dict, arch: str = "", mean=(), std=(),

@@ -45,7 +45,8 @@ class ReplayBuffer:
 
     def contents(self):
         """Everything stored, oldest first: (images float, logits, targets, seeds)."""
-        order = torch.arange(self.size) if self.size < self.capacity else (self.cursor + torch.arange(self.size)) % self.capacity
+        start = 0 if self.size < self.capacity else self.cursor  # once full, the oldest entry is at the cursor
+        order = (start + torch.arange(self.size)) % self.capacity
         order = order.to(self.images.device)
         return self.images[order].float() / 255.0, self.logits[order], self.targets[order], self.seeds[order]
 

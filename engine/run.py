@@ -38,15 +38,16 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     setup_logging()
     from engine.loop import co_train
-    from engine.outputs import RunOutputs, live_display, prepare_run_dir
+    from engine.outputs import RunOutputs, check_run_dir, live_display, prepare_run_dir
     from engine.world import build_world
 
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     accelerator = make_accelerator(cfg.device, cfg.mixed_precision)
     run_dir = Path(cfg.run_dir)
     if accelerator.is_main_process:
-        prepare_run_dir(run_dir, cfg.resume, cfg.overwrite)
+        check_run_dir(run_dir, cfg.resume, cfg.overwrite)
     world = build_world(cfg, accelerator.device)  # all user errors surface here, before any output is written
+    if accelerator.is_main_process:
+        prepare_run_dir(run_dir, cfg.resume, cfg.overwrite)  # only now is an old run replaced (--overwrite)
     live, update = live_display() if accelerator.is_main_process else (None, None)
     outputs = RunOutputs(run_dir, is_main=accelerator.is_main_process, live=update)
     resolved = dataclasses.asdict(cfg) | {"argv": sys.argv[1:] if argv is None else argv,

@@ -23,6 +23,7 @@ the plain loop over ``scheduler.timesteps`` for offline synthesis.
 from __future__ import annotations
 
 import copy
+import inspect
 from dataclasses import dataclass, field
 
 import torch
@@ -141,10 +142,16 @@ class GuidedSampler:
         self.prior, self.teacher, self.view, self.config = prior, teacher, teacher_view, config
         self.num_classes = num_classes
         self.weighted = WeightedSum(config.weights(), name="L_inv")
-        self.bn_hooks = BNStatHooks(teacher, first_multiplier=config.first_bn_multiplier)
         self.device = next(teacher.parameters()).device
         self._scheduler = copy.deepcopy(prior.scheduler)
         self._scheduler.set_timesteps(config.steps, device=self.device)
+        # ẑ0, the repair's re-noising and CutMix assume z_t = sqrt(ᾱ)·z0 + sqrt(1−ᾱ)·ε; sigma-parameterised
+        # schedulers (Euler: z_t = z0 + σ·ε, init_noise_sigma ≫ 1) have alphas_cumprod too but do not follow it.
+        if float(getattr(self._scheduler, "init_noise_sigma", 1.0)) != 1.0:
+            raise ValueError(f"{type(prior.scheduler).__name__} is not variance-preserving (init_noise_sigma "
+                             f"{float(self._scheduler.init_noise_sigma):g}); use ddim, ddpm, dpm, pndm or unipc")
+        # Only stochastic schedulers take a generator (PNDM and UniPC do not accept the keyword).
+        self._step_takes_generator = "generator" in inspect.signature(self._scheduler.step).parameters
 
     def set_weights(self, **weights: float) -> None:
         """Change α/β/γ during a run (e.g. L_adv after its warm-up)."""
@@ -183,10 +190,10 @@ class GuidedSampler:
         z0 = (z - (1 - a).sqrt() * eps) / a.sqrt()
         x = self.view(straight_through_clamp(self.prior.decode(z0)))
         active = self.weighted.active
-        if "bn" in active:
-            with self.bn_hooks:
+        if "bn" in active:  # hooks live for this one forward only (a BNStatHooks is spent once its block exits)
+            with BNStatHooks(self.teacher, first_multiplier=cfg.first_bn_multiplier) as bn_hooks:
                 teacher_logits = self.teacher(x)
-            terms = {"bn": self.bn_hooks.loss()}
+                terms = {"bn": bn_hooks.loss()}
         else:
             teacher_logits, terms = self.teacher(x), {}
         if "cls" in active:
@@ -219,7 +226,8 @@ class GuidedSampler:
             eps = self.prior.predict_noise(batch.scheduler.scale_model_input(batch.z, t), t, batch.cond,
                                            cfg.guidance_scale)
         z_t = batch.z
-        batch.z = batch.scheduler.step(eps, t, z_t, generator=batch.generator).prev_sample
+        noise = {"generator": batch.generator} if self._step_takes_generator else {}
+        batch.z = batch.scheduler.step(eps, t, z_t, **noise).prev_sample
         t_prev = timesteps[i + 1] if i + 1 < len(timesteps) else None
         a_prev = alpha_bar(batch.scheduler, t_prev).to(z_t.device)
 

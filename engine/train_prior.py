@@ -58,7 +58,8 @@ def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
 
 
 def train_prior(
-    steps: int, batch_size: int = 128, lr: float = 1e-3, ema_decay: float = 0.995, label_dropout: float = 0.1, seed: int = 0,
+    steps: int, batch_size: int = 128, lr: float = 1e-3, ema_decay: float = 0.995, label_dropout: float = 0.1,
+    seed: int = 0,
     jitter_copies: int = 16,
 ) -> tuple[UNet2DModel, DDPMScheduler, dict]:
     torch.manual_seed(seed)
@@ -97,7 +98,8 @@ def train_prior(
                      (time.time() - start) / (step + 1))
     provenance = {
         "data": "scikit-learn load_digits (1,797 UCI 8x8 digits), bilinear 8->20 px, padded to 28x28; no MNIST",
-        "augmentation": f"RandomAffine(degrees=10, translate=0.08, scale=0.9-1.1), {jitter_copies} jittered copies + originals",
+        "augmentation": f"RandomAffine(degrees=10, translate=0.08, scale=0.9-1.1), {jitter_copies} jittered copies"
+                        " + originals",
         "steps": steps, "batch_size": batch_size, "lr": lr, "optimizer": "AdamW wd=1e-4, warmup + cosine",
         "ema_decay": ema_decay, "label_dropout": label_dropout, "null_class": NULL_CLASS, "seed": seed,
         "final_loss_last100": sum(losses[-100:]) / max(len(losses[-100:]), 1),
@@ -148,7 +150,8 @@ def main(argv: list[str] | None = None) -> int:
         write_prior_grid(args.out)
         return 0
     unet, scheduler, provenance = train_prior(args.steps, args.batch_size, seed=args.seed)
-    provenance["command"] = f"python -m engine.train_prior --steps {args.steps} --batch-size {args.batch_size} --seed {args.seed}"
+    provenance["command"] = (f"python -m engine.train_prior --steps {args.steps} --batch-size {args.batch_size} "
+                             f"--seed {args.seed}")
     save_prior(unet, scheduler, provenance, args.out)
     write_prior_grid(args.out)
     log.info("saved the prior to %s", args.out)

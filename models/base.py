@@ -2,7 +2,8 @@
 
 ``forward(x)`` returns logits ``(B, K)``; ``forward(x, return_features=True)`` returns ``(logits, features)`` where
 ``features`` is the list of stage outputs ``[(B, C_k, H_k, W_k), ...]`` from shallow to deep, the last one being the
-map that global pooling feeds to the final linear layer. ``classifier_weight()`` is that layer's weight ``(K, C_last)``.
+map that global pooling feeds to the final linear layer. ``classifier_weight()`` is that layer's weight
+``(K, C_last)``.
 Together they are what the mSARC loss (SPEC §3) needs: spatial attention per stage and a class activation map.
 """
 

@@ -1,0 +1,82 @@
+"""Cost–accuracy frontier of the synthesis: student accuracy against synthesis compute for sampler steps
+(10/25/50), grad mode (full vs detached ε̂), and guidance on every step vs every m-th step.
+
+    python -m benchmarks.frontier --seeds 0 --images 1000 --student-steps 1000
+
+Compute is the run's wall time on this machine (the same machine for every point) and the UNet calls per image,
+counted from the config: full grad mode = forward + backward through the UNet (≈3 forwards) + 1 recomputed forward
+per guided step; detached = 1 + 1; unguided steps = 1 (×2 with classifier-free guidance, the same for all points).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from benchmarks.common import RESULTS_DIR, run_metadata, write_results
+from benchmarks.engine_runs import run_engine, seed_rows
+
+
+def points() -> dict[str, list[str]]:
+    grid = {}
+    for steps in (10, 25, 50):
+        grid[f"steps{steps}-full"] = ["--sampler-steps", str(steps)]
+    grid["steps25-detached"] = ["--sampler-steps", "25", "--grad-mode", "detached"]
+    grid["steps25-detached-reuse"] = ["--sampler-steps", "25", "--grad-mode", "detached", "--reuse-eps"]
+    grid["steps25-every2"] = ["--sampler-steps", "25", "--guide-every", "2"]
+    grid["steps25-every5"] = ["--sampler-steps", "25", "--guide-every", "5"]
+    return grid
+
+
+def unet_forwards_per_image(flags: list[str]) -> float:
+    value = dict(zip(flags[::2], flags[1::2]))
+    steps = int(value.get("--sampler-steps", 20))
+    every = int(value.get("--guide-every", 1))
+    guided = len(range(0, steps, every))
+    per_guided = (1 if "--reuse-eps" in flags else 2) + (2 if value.get("--grad-mode", "full") == "full" else 0)
+    return guided * per_guided + (steps - guided)
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, row in results["points"].items():
+        x = row["unet_forwards_per_image"]
+        y = 100 * row["last_mean_std"]["mean"]
+        ax.errorbar(x, y, yerr=100 * row["last_mean_std"]["std"], fmt="o", capsize=3)
+        ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    ax.set_xlabel("UNet forward-equivalents per image (synthesis compute)")
+    ax.set_ylabel("student test accuracy (%)")
+    ax.set_title("cost-accuracy frontier, default world")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--images", type=int, default=2000)
+    parser.add_argument("--student-steps", type=int, default=2000)
+    parser.add_argument("--runs", type=Path, default=Path("runs/bench-frontier"))
+    parser.add_argument("--reuse", action="store_true")
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR / "frontier.json")
+    args = parser.parse_args(argv)
+    budget = ["--images", str(args.images), "--student-steps", str(args.student_steps)]
+    results = {"points": {}, "budget": {"images": args.images, "student_steps": args.student_steps}}
+    for name, flags in points().items():
+        runs = [run_engine(name, [*flags, *budget, "--seed", str(s)], args.runs / f"{name}-s{s}", args.reuse)
+                for s in args.seeds]
+        results["points"][name] = seed_rows(runs, args.seeds) | {
+            "flags": flags, "unet_forwards_per_image": unet_forwards_per_image(flags)}
+    write_results(results | run_metadata("benchmarks.frontier", argv), args.out)
+    plot(results, args.out.with_suffix(".png"))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,191 @@
+"""``python -m engine.run`` end to end on the tiny world (in-process ``main``; a run takes about a second)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import engine.loop
+from engine import evaluate
+from engine.replay_buffer import ReplayBuffer
+from engine.run import main
+from tests.conftest import run_main
+
+KD_TERMS = {"kd_kl", "kd_msarc", "kd_L_kd"}
+
+
+def run_ok(world, run_dir: Path, capsys, *extra: str) -> dict:
+    code, out, err = run_main(main, world.argv(run_dir, *extra), capsys)
+    assert code == 0, err
+    assert "Traceback" not in err
+    return json.loads(out.strip().splitlines()[-1])  # the summary line
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def finished_run(world, tmp_path_factory):
+    """One default (diffdfkd, online) run with --export, shared by the output checks."""
+    run_dir = tmp_path_factory.mktemp("cli") / "run"
+    try:
+        assert main(world.argv(run_dir, "--export")) == 0
+    finally:
+        logging.getLogger().handlers.clear()  # setup_logging bound a handler to this setup's captured stderr
+    return run_dir
+
+
+def test_run_writes_every_output(finished_run):
+    names = {p.name for p in finished_run.iterdir()}
+    assert {"config.json", "metrics.jsonl", "student.safetensors", "student.json", "samples.png", "summary.json",
+            "checkpoint.pt", "synthetic"} <= names
+    assert not [n for n in names if n.endswith(".tmp")]  # atomic writes left no temp files
+
+
+def test_config_json_is_the_resolved_config(finished_run, world):
+    config = json.loads((finished_run / "config.json").read_text())
+    assert config["method"] == "diffdfkd" and config["images"] == 16 and config["student_steps"] == 8
+    assert config["buffer_capacity"] == 16  # resolved: 0 -> the image budget
+    assert config["teacher_checkpoint"] == str(world.teacher) and config["teacher_arch"] == "convnet-w8"
+    assert config["device"] == "cpu" and "--export" in config["argv"]
+
+
+def test_metrics_lines(finished_run):
+    lines = metrics(finished_run)
+    assert [line["student_step"] for line in lines] == [2, 4, 6, 8]  # --log-every 2
+    for line in lines:
+        assert KD_TERMS <= set(line) and {"inv_bn", "inv_cls", "inv_L_inv"} <= set(line)
+        assert line["images_per_s"] >= 0 and 0 < line["buffer_fill"] <= 1
+        assert all(isinstance(v, (int, float)) for v in line.values())
+    assert lines[-1]["buffer_fill"] == 1.0 and lines[-1]["images"] == 16
+    assert any("inv_adv" in line for line in lines)  # on after --adv-warmup 2 student steps
+    evaluated = [line["student_step"] for line in lines if "student_acc" in line]
+    assert evaluated == [4, 8]  # --eval-every 4, and the end
+    assert all(0 <= line["student_acc"] <= 1 for line in lines if "student_acc" in line)
+
+
+def test_summary_and_student_checkpoint(finished_run, capsys):
+    summary = json.loads((finished_run / "summary.json").read_text())
+    assert summary["student_steps"] == 8 and summary["images"] == 16
+    assert summary["student_acc"] == metrics(finished_run)[-1]["student_acc"]
+    assert summary["best_student_acc"] >= summary["student_acc"]
+    sidecar = json.loads((finished_run / "student.json").read_text())
+    assert sidecar["arch"] == "convnet-w8" and len(sidecar["class_names"]) == 10
+    assert sidecar["in_channels"] == 1 and sidecar["image_size"] == 28
+    assert sidecar["test_accuracy"] == summary["student_acc"]
+    weights = load_file(str(finished_run / "student.safetensors"))
+    assert weights["fc.weight"].shape == (10, 32)
+
+    # The checkpoint is a regular classifier checkpoint: engine.evaluate reads it through its sidecar.
+    code, out, _ = run_main(evaluate.main, ["--checkpoint", str(finished_run / "student.safetensors"),
+                                            "--dataset", "digits"], capsys)
+    assert code == 0
+    result = json.loads(out)
+    assert result["accuracy"] == pytest.approx(summary["student_acc"]) and result["arch"] == "convnet-w8"
+
+
+def test_samples_png(finished_run):
+    from PIL import Image
+
+    with Image.open(finished_run / "samples.png") as image:
+        width, height = image.size
+    assert (width, height) == (10 * (2 * 28 + 2) + 2,) * 2  # one row per class, 10 images each, upscaled 2x
+
+
+def test_export_image_folder(finished_run):
+    folder = finished_run / "synthetic"
+    labels = torch.load(folder / "labels.pt")
+    assert len(labels["files"]) == 16 and labels["teacher_logits"].shape == (16, 10)
+    assert labels["targets"].shape == (16, 10) and torch.allclose(labels["targets"].sum(1), torch.ones(16))
+    assert sorted(labels["seeds"].tolist()) == list(range(16))  # seed 0: sample seeds 0..15, each once
+    assert labels["class_names"] == [str(k) for k in range(10)]
+    for rel in labels["files"]:
+        assert (folder / rel).is_file()
+    assert {p.name for p in folder.iterdir() if p.is_dir()} == set(labels["class_names"])
+
+
+@pytest.mark.parametrize("method, inv_terms", [("dmkd", set()), ("deepinv", {"inv_bn", "inv_cls"}),
+                                               ("real-kd", set())])
+def test_each_method_runs(world, tmp_path, capsys, method, inv_terms):
+    summary = run_ok(world, tmp_path / method, capsys, "--method", method, "--student-steps", "4",
+                     "--eval-every", "2")
+    assert summary["student_steps"] == 4
+    lines = metrics(tmp_path / method)
+    assert KD_TERMS <= set(lines[-1])
+    assert {k for line in lines for k in line if k.startswith("inv_") and k != "inv_adv"} == (
+        inv_terms | ({"inv_L_inv"} if inv_terms else set()))
+    config = json.loads((tmp_path / method / "config.json").read_text())
+    assert config["method"] == method
+    if method == "dmkd":
+        assert (config["bn"], config["cls"], config["adv"], config["cutmix_every"]) == (0, 0, 0, 0)
+
+
+def test_offline_schedule(world, tmp_path, capsys):
+    summary = run_ok(world, tmp_path / "run", capsys, "--schedule", "offline")
+    assert summary["student_steps"] == 8 and summary["images"] == 16
+    assert all(line["images"] == 16 for line in metrics(tmp_path / "run"))  # training began after synthesis
+
+
+def test_existing_run_is_refused_then_overwritten(world, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    run_ok(world, run_dir, capsys, "--student-steps", "2")
+    before = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()}
+    code, _, err = run_main(main, world.argv(run_dir, "--student-steps", "2"), capsys)
+    assert code == 2 and err.strip().splitlines()[-1].startswith("error: ") and "--overwrite" in err
+    assert {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()} == before
+    summary = run_ok(world, run_dir, capsys, "--student-steps", "4", "--overwrite")
+    assert summary["student_steps"] == 4
+    assert [line["student_step"] for line in metrics(run_dir)] == [2, 4]  # the old metrics are gone
+
+
+class Crash(Exception):
+    """Stands in for a kill: raised from inside the loop after a checkpoint exists."""
+
+
+def test_resume_after_a_crash(world, tmp_path, capsys, monkeypatch):
+    run_dir = tmp_path / "run"
+    argv = world.argv(run_dir, "--checkpoint-every", "2", "--export")
+    real_student_step = engine.loop.student_step
+    calls = []
+
+    def crashing_student_step(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 5:
+            raise Crash
+        return real_student_step(*args, **kwargs)
+
+    monkeypatch.setattr(engine.loop, "student_step", crashing_student_step)
+    with pytest.raises(Crash):
+        main(argv)
+    monkeypatch.undo()
+    checkpoint = torch.load(run_dir / "checkpoint.pt", weights_only=False)
+    saved = checkpoint["buffer"]
+    assert 0 < checkpoint["state"]["student_step"] < 8 and 0 < len(saved["images"]) < 16
+    assert not (run_dir / "summary.json").exists()
+
+    code, _, err = run_main(main, argv, capsys)  # a plain rerun is refused: the run dir holds a run
+    assert code == 2 and "--resume" in err
+
+    restored = {}
+    real_load = ReplayBuffer.load_state_dict
+
+    def recording_load(self, state):
+        real_load(self, state)
+        restored.update(self.state_dict())
+
+    monkeypatch.setattr(ReplayBuffer, "load_state_dict", recording_load)
+    summary = run_ok(world, run_dir, capsys, "--checkpoint-every", "2", "--export", "--resume")
+    for key in ("images", "logits", "targets", "seeds"):
+        assert torch.equal(restored[key], saved[key]), key
+    assert summary["student_steps"] == 8 and summary["images"] == 16
+    assert metrics(run_dir)[-1]["student_step"] == 8
+    labels = torch.load(run_dir / "synthetic" / "labels.pt")
+    n = len(saved["seeds"])
+    assert torch.equal(labels["seeds"][:n], saved["seeds"])  # the restored images are the oldest in the buffer
+    assert sorted(labels["seeds"].tolist()) == list(range(16))  # in-flight batches were redone, none twice
