@@ -160,7 +160,7 @@ def co_train(cfg: RunConfig, world: World, accelerator: Accelerator, outputs: Ru
     run_start = time.time() - state.gen_seconds
 
     # 4. The loop -----------------------------------------------------------------------------------------------------
-    while state.student_step < cfg.student_steps:
+    while state.student_step < cfg.student_steps or state.batches_finished < n_batches:
         generating = state.batches_finished < n_batches
 
         # 4a. Generation: snapshot the student, start a staggered micro-batch, one step for each in flight.
@@ -169,7 +169,8 @@ def co_train(cfg: RunConfig, world: World, accelerator: Accelerator, outputs: Ru
                 streams.wait("gen", "trained")
                 copy_weights(snapshot, plain_student)
                 streams.record("snapshotted", "gen")
-                if state.student_step >= cfg.adv_warmup and cfg.adv > 0:
+                adv_due = cfg.adv > 0 and state.student_step >= cfg.adv_warmup
+                if adv_due and "adv" not in generator.weighted.active:  # warm-up over: L_adv on from now
                     generator.set_weights(adv=cfg.adv)
                 due = state.tick - state.last_start_tick >= stagger
                 if due and len(in_flight) < cfg.in_flight and state.batches_started < n_batches:
@@ -190,7 +191,7 @@ def co_train(cfg: RunConfig, world: World, accelerator: Accelerator, outputs: Ru
 
         # 4b. Training: student updates from the replay buffer (online: while generating; offline: after).
         ready = len(buffer) >= cfg.min_buffer and (cfg.schedule == "online" or not generating)
-        if ready:
+        if ready and state.student_step < cfg.student_steps:
             state.kd_credit += rate if generating else max(rate, 1.0)
             n_steps = min(int(state.kd_credit), cfg.student_steps - state.student_step)
             state.kd_credit -= n_steps
@@ -235,10 +236,12 @@ def student_step(cfg, student, plain_student, teacher, view, buffer, optimizer, 
     x = view.normalize(student_augment(images, cfg.aug_pad, cfg.aug_flip, generator))
     use_msarc = cfg.msarc > 0
     with accelerator.autocast():
-        with torch.no_grad():
-            if cfg.teacher_logits == "recompute" or use_msarc:
-                teacher_out = teacher(x, return_features=use_msarc)
-            teacher_logits, teacher_features = teacher_out if use_msarc else (teacher_out, None)
+        with torch.no_grad():  # the teacher sees the student's augmented view unless its cached logits are used
+            teacher_logits, teacher_features = cached_logits, None
+            if use_msarc:
+                teacher_logits, teacher_features = teacher(x, return_features=True)
+            elif cfg.teacher_logits == "recompute":
+                teacher_logits = teacher(x)
             if cfg.teacher_logits == "cached":
                 teacher_logits = cached_logits
         student_out = student(x, return_features=use_msarc)

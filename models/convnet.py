@@ -1,7 +1,8 @@
 """Small BatchNorm CNNs for 28x28 inputs (the default world's teacher and student).
 
-Three stages at 28, 14 and 7 px; stage k has ``width * 2**k`` channels. ``convnet-w64`` (~0.5M parameters) is the
-default teacher, ``convnet-w16`` (~25k) the default student; the widths in between serve teacher-strength studies.
+Three stages at 28, 14 and 7 px; stage k has ``width * 2**k`` channels and one conv (``convnet-wN``) or two
+(``convnet2-wN``: a larger receptive field before global pooling, at about the same FLOPs as one conv at 2x width).
+``convnet2-w32`` (~0.29M parameters) is the default teacher, ``convnet-w16`` (~24k) the default student.
 """
 
 from __future__ import annotations

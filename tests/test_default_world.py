@@ -11,7 +11,7 @@ TEACHER = WEIGHTS_DIR / "teacher-mnist.safetensors"
 
 def test_committed_teacher_and_prior_have_provenance():
     teacher = json.loads(TEACHER.with_suffix(".json").read_text())
-    assert teacher["arch"] == "convnet-w64" and teacher["dataset"] == "mnist"
+    assert teacher["arch"] == "convnet2-w32" and teacher["dataset"] == "mnist"
     assert teacher["test_accuracy"] >= 0.993
     prior = json.loads((DEFAULT_PRIOR / "provenance.json").read_text())
     assert prior["dataset"] == "digits" and "MNIST" in prior["data"]  # trained on digits, says it never saw MNIST
@@ -50,10 +50,10 @@ def test_train_prior_script_saves_a_loadable_diffusers_folder(tmp_path):
     assert json.loads((tmp_path / "prior" / "provenance.json").read_text())["steps"] == 2
 
 
-@pytest.mark.parametrize("name", ["convnet-w16", "convnet-w64"])
+@pytest.mark.parametrize("name", ["convnet-w16", "convnet2-w32"])
 def test_student_is_clearly_smaller_than_teacher(name):
     from models.base import count_parameters
     from models.registry import build_classifier
 
     n = count_parameters(build_classifier(name, 10, 1))
-    assert (n < 50_000) if name == "convnet-w16" else (n > 300_000)
+    assert (n < 50_000) if name == "convnet-w16" else (n > 250_000)
