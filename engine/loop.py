@@ -10,11 +10,17 @@ Each tick
 The next tick's L_adv is computed against the weights the updates of this tick wrote (see engine/streams.py).
 ``--schedule offline`` runs the same loop with training held back until every image exists (the papers' protocol);
 ``--method real-kd`` fills the buffer from the real train set instead of a generator.
+
+Multi-process (``accelerate launch --num_processes N -m engine.run``): rank r generates micro-batches r, r+N, ...
+(disjoint seeds and classes) into its own replay buffer, the student trains with DDP, every rank runs the same
+number of ticks and student steps (the image budget is rounded up to whole micro-batches per rank), metrics are
+reduced, and only the main process writes; checkpoints gather every rank's buffer and RNG into one file.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import math
 import random
@@ -56,9 +62,10 @@ class LoopState:
 
 
 def micro_batch(cfg: RunConfig, index: int, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Labels and seeds of micro-batch ``index``: classes balanced round-robin, one seed per image."""
+    """Labels and seeds of (global) micro-batch ``index``: classes balanced round-robin, one seed per image. The
+    last one is cut to the budget; indices past it (multi-process rounding) are whole extra micro-batches."""
     first = index * cfg.gen_batch
-    n = min(cfg.gen_batch, cfg.images - first)
+    n = min(cfg.gen_batch, cfg.images - first) if first < cfg.images else cfg.gen_batch
     ids = torch.arange(first, first + n)
     return ids % num_classes, cfg.seed * 10_000_000 + ids
 
@@ -101,9 +108,13 @@ def set_rng_state(state: dict) -> None:
 
 def co_train(cfg: RunConfig, world: World, accelerator: Accelerator, outputs: RunOutputs) -> dict:
     device = accelerator.device
-    set_seed(cfg.seed)
+    rank, ranks = accelerator.process_index, accelerator.num_processes
+    set_seed(cfg.seed + rank)
     teacher, view, info, generator = world.teacher.model, world.view, world.info, world.generator
     image_shape = (view.channels, view.size, view.size)
+    if ranks > 1:  # each rank holds its share of the buffer and waits for its share of min_buffer
+        cfg = dataclasses.replace(cfg, buffer_capacity=math.ceil(cfg.buffer_capacity / ranks) + cfg.gen_batch,
+                                  min_buffer=math.ceil(cfg.min_buffer / ranks))
 
     # 1. Replay buffer (and, for real-data KD, its contents) ----------------------------------------------------------
     buffer = ReplayBuffer(cfg.buffer_capacity, image_shape, info.num_classes, device)
@@ -129,27 +140,29 @@ def co_train(cfg: RunConfig, world: World, accelerator: Accelerator, outputs: Ru
     kd_loss = WeightedSum({"kl": 1.0, "msarc": cfg.msarc}, name="L_kd")
     log.info("synthesis: %s", generator.weighted.formula() if generator is not None else "real images (no synthesis)")
     log.info("student:   %s  (kl = τ²·KL(p_T^τ ‖ p_S^τ), τ=%g)", kd_loss.formula(), cfg.tau)
-    batch_generator = torch.Generator().manual_seed(cfg.seed + 1)
+    batch_generator = torch.Generator().manual_seed(cfg.seed + 1 + 7919 * rank)
 
     # 3. Resume -------------------------------------------------------------------------------------------------------
     state = LoopState()
     if cfg.resume and outputs.has_checkpoint():
-        ckpt = outputs.load_checkpoint()
+        ckpt = outputs.load_checkpoint(ranks)
         plain_student.load_state_dict(ckpt["student"])
         optimizer.load_state_dict(ckpt["optimizer"])
         schedule.load_state_dict(ckpt["schedule"])
-        buffer.load_state_dict(ckpt["buffer"])
+        shard = ckpt["ranks"][rank]
+        buffer.load_state_dict(shard["buffer"])
         state = LoopState(**ckpt["state"])
         # Micro-batches that were in flight restart from their seeds (they finish in start order).
         state.batches_started = state.batches_finished
         state.last_start_tick = -(10**9)
-        set_rng_state(ckpt["rng"])
-        batch_generator.set_state(ckpt["batch_generator"])
+        set_rng_state(shard["rng"])
+        batch_generator.set_state(shard["batch_generator"])
         log.info("resumed at tick %d, student step %d, %d images in the buffer", state.tick, state.student_step,
                  len(buffer))
 
     steps_per_batch = cfg.deepinv_iters if cfg.method == "deepinv" else cfg.sampler_steps
-    n_batches = math.ceil(cfg.images / cfg.gen_batch) if generator is not None else 0
+    # Micro-batches of this rank (global indices rank, rank + ranks, ...); every rank makes the same number.
+    n_batches = math.ceil(cfg.images / cfg.gen_batch / ranks) if generator is not None else 0
     stagger = max(1, steps_per_batch // cfg.in_flight)
     rate = 1.0  # offline: one student step per tick once every image exists
     if cfg.schedule == "online":
@@ -174,7 +187,8 @@ def co_train(cfg: RunConfig, world: World, accelerator: Accelerator, outputs: Ru
                     generator.set_weights(adv=cfg.adv)
                 due = state.tick - state.last_start_tick >= stagger
                 if due and len(in_flight) < cfg.in_flight and state.batches_started < n_batches:
-                    in_flight.append(generator.start(*micro_batch(cfg, state.batches_started, info.num_classes)))
+                    index = rank + ranks * state.batches_started
+                    in_flight.append(generator.start(*micro_batch(cfg, index, info.num_classes)))
                     state.batches_started += 1
                     state.last_start_tick = state.tick
                 for batch in in_flight:
@@ -205,7 +219,8 @@ def co_train(cfg: RunConfig, world: World, accelerator: Accelerator, outputs: Ru
                     state.student_step += 1
                     if state.student_step % cfg.log_every == 0 or state.student_step == cfg.student_steps:
                         streams.join()
-                        log_metrics(cfg, state, window, buffer, world, plain_student, outputs, run_start, device)
+                        log_metrics(cfg, state, window, buffer, world, plain_student, outputs, run_start,
+                                    accelerator)
                 streams.record("trained", "train")
         state.tick += 1
 
@@ -213,20 +228,21 @@ def co_train(cfg: RunConfig, world: World, accelerator: Accelerator, outputs: Ru
         if state.tick % cfg.checkpoint_every == 0:
             streams.join()
             state.gen_seconds = time.time() - run_start
-            outputs.save_checkpoint(plain_student, optimizer, schedule, buffer, state, rng_state(),
+            outputs.save_checkpoint(accelerator, plain_student, optimizer, schedule, buffer, state, rng_state(),
                                     batch_generator.get_state())
 
     # 5. Final outputs (the last metrics line has evaluated the student) -------------------------------------------
     streams.join()
     state.gen_seconds = time.time() - run_start
     final_acc = state.last_acc  # evaluated by the metrics line of the last student step
-    outputs.save_checkpoint(plain_student, optimizer, schedule, buffer, state, rng_state(),
+    outputs.save_checkpoint(accelerator, plain_student, optimizer, schedule, buffer, state, rng_state(),
                             batch_generator.get_state())
+    images_made = int(accelerator.reduce(torch.tensor(buffer.total_added, device=device), "sum"))
     summary = {"student_acc": final_acc, "best_student_acc": state.best_acc, "student_steps": state.student_step,
-               "images": buffer.total_added, "ticks": state.tick, "wall_seconds": round(state.gen_seconds, 1),
-               "skipped_latent_steps": state.skipped_latent_steps}
-    outputs.write_final(plain_student, buffer, info, summary, arch=cfg.student, mean=world.teacher.mean,
-                        std=world.teacher.std, export=cfg.export)
+               "images": images_made, "ticks": state.tick, "wall_seconds": round(state.gen_seconds, 1),
+               "skipped_latent_steps": state.skipped_latent_steps, "processes": ranks}
+    outputs.write_final(accelerator, plain_student, buffer, info, summary, arch=cfg.student,
+                        mean=world.teacher.mean, std=world.teacher.std, export=cfg.export)
     return summary
 
 
@@ -273,22 +289,26 @@ def fill_with_real_data(cfg: RunConfig, world: World, buffer: ReplayBuffer, devi
         buffer.add(x, logits, targets.to(device), pick[i : i + 500])
 
 
-def log_metrics(cfg, state, window, buffer, world, student, outputs: RunOutputs, run_start, device) -> None:
-    """One metrics.jsonl line (host syncs happen here, at log intervals only)."""
+def log_metrics(cfg, state, window, buffer, world, student, outputs: RunOutputs, run_start, accelerator) -> None:
+    """One metrics.jsonl line (host syncs happen here, at log intervals only). Counts are summed over processes,
+    losses averaged; every process calls this at the same student steps (the reductions are collective)."""
+    device = accelerator.device
     now = time.time()
-    line = {"tick": state.tick, "student_step": state.student_step, "images": buffer.total_added,
-            "buffer_fill": len(buffer) / buffer.capacity,
-            "images_per_s": window["images"] / max(now - window["start"], 1e-9),
+    counts = accelerator.reduce(torch.tensor([buffer.total_added, len(buffer), buffer.capacity, window["images"],
+                                              int(window["skipped"])], device=device), "sum").tolist()
+    line = {"tick": state.tick, "student_step": state.student_step, "images": counts[0],
+            "buffer_fill": counts[1] / counts[2], "images_per_s": counts[3] / max(now - window["start"], 1e-9),
             "elapsed_s": round(now - run_start, 2)}
     for prefix, terms in (("kd_", window["kd"]), ("inv_", window["inv"])):
         for name, value in terms.items():
-            line[prefix + name] = float(value)
-    state.skipped_latent_steps += int(window["skipped"])
+            line[prefix + name] = float(accelerator.reduce(value.detach().float().reshape(1), "mean"))
+    state.skipped_latent_steps += counts[4]
     window["inv"], window["skipped"] = {}, 0
     line["skipped_latent_steps"] = state.skipped_latent_steps
     if device.type == "cuda":
         line["gpu_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
-    if state.student_step % cfg.eval_every == 0 or state.student_step == cfg.student_steps:
+    evaluate = state.student_step % cfg.eval_every == 0 or state.student_step == cfg.student_steps
+    if evaluate and accelerator.is_main_process:
         state.last_acc = accuracy(student, world.test_set, world.info, mean=world.teacher.mean,
                                   std=world.teacher.std, device=device)
         state.best_acc = max(state.best_acc, state.last_acc)

@@ -16,6 +16,7 @@ import torch
 
 from engine.checkpoints import atomic_dir, atomic_path, atomic_save_safetensors, atomic_torch_save, atomic_write_json
 from engine.errors import UserError
+from engine.replay_buffer import ReplayBuffer
 
 log = logging.getLogger(__name__)
 
@@ -83,28 +84,39 @@ class RunOutputs:
     def has_checkpoint(self) -> bool:
         return (self.dir / "checkpoint.pt").exists()
 
-    def save_checkpoint(self, student, optimizer, schedule, buffer, state, rng, batch_generator_state) -> None:
+    def save_checkpoint(self, accelerator, student, optimizer, schedule, buffer, state, rng,
+                        batch_generator_state) -> None:
+        """One file for the whole run: the (DDP-synchronised) student and optimizer, and every rank's replay buffer
+        and RNG state, gathered to the main process (a collective: every rank calls it)."""
+        shard = {"buffer": buffer.state_dict(), "rng": rng, "batch_generator": batch_generator_state}
+        shards = gather_to_all(accelerator, shard)
         if not self.is_main:
             return
         atomic_torch_save({
             "student": student.state_dict(), "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
-            "buffer": buffer.state_dict(), "state": vars(state).copy(), "rng": rng,
-            "batch_generator": batch_generator_state,
+            "state": vars(state).copy(), "ranks": shards,
         }, self.dir / "checkpoint.pt")
 
-    def load_checkpoint(self) -> dict:
+    def load_checkpoint(self, ranks: int = 1) -> dict:
         path = self.dir / "checkpoint.pt"
         try:
-            return torch.load(path, map_location="cpu", weights_only=False)
+            ckpt = torch.load(path, map_location="cpu", weights_only=False)
         except Exception as err:
             raise UserError(f"cannot read {path} ({type(err).__name__}); it is corrupt: "
                             "start anew with --overwrite") from None
+        if len(ckpt["ranks"]) != ranks:
+            raise UserError(f"{path} was written by {len(ckpt['ranks'])} processes; resume it with "
+                            f"--num_processes {len(ckpt['ranks'])}")
+        return ckpt
 
     # --- final outputs --------------------------------------------------------------------------------------------
-    def write_final(self, student, buffer, info, summary: dict, arch: str = "", mean=(), std=(),
+    def write_final(self, accelerator, student, buffer, info, summary: dict, arch: str = "", mean=(), std=(),
                     export: bool = False) -> None:
+        shards = gather_to_all(accelerator, buffer.state_dict() if export or self.is_main else None)
         if not self.is_main:
             return
+        if len(shards) > 1:  # the samples grid and the export show every rank's images
+            buffer = ReplayBuffer.from_state_dicts(shards, info.num_classes)
         atomic_save_safetensors(student.state_dict(), self.dir / "student.safetensors")
         sidecar = {"arch": arch, "class_names": list(info.class_names), "mean": list(mean), "std": list(std),
                    "in_channels": buffer.images.shape[1], "image_size": buffer.images.shape[-1],
@@ -116,6 +128,15 @@ class RunOutputs:
         if export:
             export_image_folder(buffer, info.class_names, self.dir / "synthetic")
         atomic_write_json(summary, self.dir / "summary.json")
+
+
+def gather_to_all(accelerator, obj) -> list:
+    """``obj`` of every process, in rank order (a collective; a one-element list on a single process)."""
+    if accelerator.num_processes == 1:
+        return [obj]
+    gathered = [None] * accelerator.num_processes
+    torch.distributed.all_gather_object(gathered, obj)
+    return gathered
 
 
 def save_class_grid(images: torch.Tensor, labels: torch.Tensor, num_classes: int, path: Path, per_class: int = 10,

@@ -55,6 +55,16 @@ class ReplayBuffer:
                 "targets": self.targets[: self.size].cpu(), "seeds": self.seeds[: self.size].cpu(),
                 "cursor": self.cursor, "total_added": self.total_added}
 
+    @classmethod
+    def from_state_dicts(cls, states: list[dict], num_classes: int) -> ReplayBuffer:
+        """One CPU buffer holding the contents of several (e.g. every process's), in order."""
+        total = sum(len(s["images"]) for s in states)
+        merged = cls(max(total, 1), tuple(states[0]["images"].shape[1:]), num_classes)
+        for s in states:
+            if len(s["images"]):
+                merged.add(s["images"].float() / 255, s["logits"], s["targets"], s["seeds"])
+        return merged
+
     def load_state_dict(self, state: dict) -> None:
         n = len(state["images"])
         self.images[:n] = state["images"].to(self.images.device)

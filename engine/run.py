@@ -42,12 +42,14 @@ def main(argv: list[str] | None = None) -> int:
     from engine.world import build_world
 
     accelerator = make_accelerator(cfg.device, cfg.mixed_precision)
+    if not accelerator.is_main_process:  # one voice: the other ranks report only problems
+        logging.getLogger().setLevel(logging.WARNING)
     run_dir = Path(cfg.run_dir)
-    if accelerator.is_main_process:
-        check_run_dir(run_dir, cfg.resume, cfg.overwrite)
+    check_run_dir(run_dir, cfg.resume, cfg.overwrite)  # read-only, on every rank: all fail alike or none does
     world = build_world(cfg, accelerator.device)  # all user errors surface here, before any output is written
     if accelerator.is_main_process:
         prepare_run_dir(run_dir, cfg.resume, cfg.overwrite)  # only now is an old run replaced (--overwrite)
+    accelerator.wait_for_everyone()
     live, update = live_display() if accelerator.is_main_process else (None, None)
     outputs = RunOutputs(run_dir, is_main=accelerator.is_main_process, live=update)
     resolved = dataclasses.asdict(cfg) | {"argv": sys.argv[1:] if argv is None else argv,

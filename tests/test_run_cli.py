@@ -165,7 +165,7 @@ def test_resume_after_a_crash(world, tmp_path, capsys, monkeypatch):
         main(argv)
     monkeypatch.undo()
     checkpoint = torch.load(run_dir / "checkpoint.pt", weights_only=False)
-    saved = checkpoint["buffer"]
+    saved = checkpoint["ranks"][0]["buffer"]
     assert 0 < checkpoint["state"]["student_step"] < 8 and 0 < len(saved["images"]) < 16
     assert not (run_dir / "summary.json").exists()
 

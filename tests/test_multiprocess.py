@@ -1,0 +1,33 @@
+"""Two CPU processes (gloo) through torch's launcher: sharded generation, DDP student, one run directory."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+
+@pytest.mark.slow
+def test_two_process_run_matches_a_one_process_run(world, tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    two = tmp_path / "two"
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533"]
+    done = subprocess.run([*launch, "-m", "engine.run", *world.argv(two), "--export"], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    one = tmp_path / "one"
+    done = subprocess.run([sys.executable, "-m", "engine.run", *world.argv(one), "--export"], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+    s2, s1 = (json.loads((d / "summary.json").read_text()) for d in (two, one))
+    assert s2["processes"] == 2 and s1["processes"] == 1
+    assert s2["images"] == s1["images"] == 16 and s2["student_steps"] == s1["student_steps"] == 8
+    assert 0.0 <= s2["student_acc"] <= 1.0
+    assert sorted(p.name for p in two.iterdir()) == sorted(p.name for p in one.iterdir())  # the same outputs
+    import torch
+
+    labels = torch.load(two / "synthetic" / "labels.pt", weights_only=False)
+    assert sorted(labels["seeds"].tolist()) == list(range(16))  # each rank made its own disjoint seeds, none twice
+    assert not list(two.glob(".*.tmp")) and len((two / "metrics.jsonl").read_text().splitlines()) == 4  # main only
