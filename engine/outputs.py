@@ -55,6 +55,8 @@ def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
     except OSError as err:
         raise UserError(f"cannot write to run directory {run_dir} ({err.strerror}); "
                         "pass a writable --run-dir") from None
+    for stale in run_dir.glob(".*.tmp"):  # temp files of a killed run: never under a final name, safe to drop
+        shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
 
 
 class RunOutputs:
