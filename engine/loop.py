@@ -191,8 +191,9 @@ def co_train(cfg: RunConfig, world: World, accelerator: Accelerator, outputs: Ru
                     in_flight.append(generator.start(*micro_batch(cfg, index, info.num_classes)))
                     state.batches_started += 1
                     state.last_start_tick = state.tick
-                for batch in in_flight:
-                    generator.step(batch, snapshot)
+                with accelerator.autocast():  # bf16 UNet/decoder/teacher on CUDA; latents stay fp32
+                    for batch in in_flight:
+                        generator.step(batch, snapshot)
                 while in_flight and in_flight[0].done:  # equal step counts: batches finish in start order
                     batch = in_flight.pop(0)
                     images, logits = generator.finish(batch)
