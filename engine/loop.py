@@ -70,6 +70,12 @@ def micro_batch(cfg: RunConfig, index: int, num_classes: int) -> tuple[torch.Ten
     return ids % num_classes, cfg.seed * 10_000_000 + ids
 
 
+def start_interval(cfg: RunConfig, steps_per_batch: int) -> int:
+    """Ticks between micro-batch starts: ``in_flight`` batches of ``steps_per_batch`` steps never overlap more
+    than ``in_flight`` deep, and one finishes every interval."""
+    return math.ceil(steps_per_batch / cfg.in_flight)
+
+
 def kd_rate(cfg: RunConfig, steps_per_batch: int, batches_left: int, steps_left: int, buffered: int = 0) -> float:
     """Student steps per tick so that the ``steps_left`` steps span the ticks that generate the ``batches_left``
     remaining micro-batches, from the first tick the buffer (now ``buffered`` images) holds ``min_buffer``. Counted
@@ -78,7 +84,7 @@ def kd_rate(cfg: RunConfig, steps_per_batch: int, batches_left: int, steps_left:
         return float(cfg.kd_steps_per_tick)
     if batches_left <= 0:  # nothing left to generate (real-data KD, or a run resumed after synthesis)
         return 1.0
-    stagger = max(1, steps_per_batch // cfg.in_flight)
+    stagger = start_interval(cfg, steps_per_batch)
     gen_ticks = (batches_left - 1) * stagger + steps_per_batch
     batches_to_fill = math.ceil(max(0, cfg.min_buffer - buffered) / cfg.gen_batch)
     first_training_tick = (batches_to_fill - 1) * stagger + steps_per_batch - 1 if batches_to_fill else 0
@@ -163,7 +169,7 @@ def co_train(cfg: RunConfig, world: World, accelerator: Accelerator, outputs: Ru
     steps_per_batch = cfg.deepinv_iters if cfg.method == "deepinv" else cfg.sampler_steps
     # Micro-batches of this rank (global indices rank, rank + ranks, ...); every rank makes the same number.
     n_batches = math.ceil(cfg.images / cfg.gen_batch / ranks) if generator is not None else 0
-    stagger = max(1, steps_per_batch // cfg.in_flight)
+    stagger = start_interval(cfg, steps_per_batch)
     rate = 1.0  # offline: one student step per tick once every image exists
     if cfg.schedule == "online":
         rate = kd_rate(cfg, steps_per_batch, batches_left=n_batches - state.batches_finished,
