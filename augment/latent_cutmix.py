@@ -47,10 +47,14 @@ def _beta(beta: float, n: int, generator: torch.Generator) -> torch.Tensor:
 
 
 def latent_cutmix(batch: int, height: int, width: int, beta: float = 1.0,
-                  generator: torch.Generator | None = None, device="cpu") -> CutMixResult:
-    """Draw pairs and boxes for a batch; apply them with :func:`apply_cutmix` to latents and labels alike."""
+                  generator: torch.Generator | None = None, device="cpu", prob: float = 1.0) -> CutMixResult:
+    """Draw pairs and boxes for a batch; apply them with :func:`apply_cutmix` to latents and labels alike.
+    Each sample is mixed with probability ``prob`` (the others get an empty box and λ = 1)."""
     perm = torch.randperm(batch, generator=generator).to(device)
     box, lam = sample_boxes(batch, height, width, beta, generator, device)
+    if prob < 1.0:
+        keep = (torch.rand(batch, generator=generator) < prob).to(device)
+        box, lam = box & keep[:, None, None, None], torch.where(keep, lam, torch.ones_like(lam))
     return CutMixResult(perm, box, lam)
 
 

@@ -47,7 +47,7 @@ class RunConfig:
     adv: float = opt(1.0, "γ: weight of the adversarial loss (after --adv-warmup student steps)")
     step_size: float = opt(0.1, "η: latent step per timestep (per sample: the gradient is scaled by the batch size)")
     guidance_scale: float = opt(2.0, "classifier-free guidance scale of the prior")
-    sampler_steps: int = opt(20, "sampler steps per image")
+    sampler_steps: int = opt(15, "sampler steps per image")
     scheduler: str = opt("ddim", "diffusers scheduler: ddim, ddpm, dpm, pndm, unipc or a class name")
     grad_mode: Literal["full", "detached"] = opt("full", "latent gradient through the UNet (full) or not (detached)")
     reuse_eps: bool = opt(False, "reuse ε̂ from before the latent step for the scheduler step (saves a UNet call)")
@@ -56,6 +56,7 @@ class RunConfig:
     divergence: Literal["kl", "js"] = opt("kl", "divergence of the adversarial term")
     cutmix_every: int = opt(5, "k: Latent CutMix every k sampler steps")
     cutmix_beta: float = opt(1.0, "β of the Beta distribution of the CutMix area")
+    cutmix_prob: float = opt(0.5, "fraction of the samples mixed at each CutMix event")
     repair_steps: int = opt(2, "r: sampler steps of seam repair (inpainting) after each CutMix")
     repair_band: int = opt(2, "w: width of the repaired band around the box edge, in latent pixels")
     gen_batch: int = opt(50, "images per generation micro-batch")
@@ -112,6 +113,8 @@ class RunConfig:
                 raise UserError(f"--{name.replace('_', '-')} must be >= 0 (got {getattr(cfg, name)})")
         if cfg.tau <= 0 or cfg.guidance_scale <= 0 or cfg.cutmix_beta <= 0:
             raise UserError("--tau, --guidance-scale and --cutmix-beta must be positive")
+        if not 0 <= cfg.cutmix_prob <= 1:
+            raise UserError(f"--cutmix-prob must lie in [0, 1] (got {cfg.cutmix_prob})")
         if cfg.resume and cfg.overwrite:
             raise UserError("--resume and --overwrite contradict each other; pass one")
         if cfg.method == "dmkd":  # DM-KD: plain prior samples, no teacher guidance (Li et al. 2023)

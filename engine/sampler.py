@@ -49,6 +49,7 @@ class GuidanceConfig:
     divergence: str = "kl"  # kl | js for the adversarial term
     cutmix_every: int = 0  # k: Latent CutMix every k steps (0 = off)
     cutmix_beta: float = 1.0
+    cutmix_prob: float = 1.0  # fraction of the samples mixed at each CutMix event
     repair_steps: int = 0  # r: steps of seam repair after each CutMix (0 = no inpainting)
     repair_band: int = 1  # w: band width around the box edge, in latent pixels
 
@@ -249,7 +250,7 @@ class GuidedSampler:
         """Latent CutMix on z_{t−1}, then (if r > 0) start the seam repair."""
         cfg = self.config
         _, _, h, w = batch.z.shape
-        mix = latent_cutmix(len(batch), h, w, cfg.cutmix_beta, batch.generator, batch.z.device)
+        mix = latent_cutmix(len(batch), h, w, cfg.cutmix_beta, batch.generator, batch.z.device, cfg.cutmix_prob)
         # The ε that, with ẑ0, reproduces z_{t−1} exactly: the repair re-noises both halves consistently.
         eps_implied = (batch.z - a_prev.sqrt() * z0) / (1 - a_prev).clamp_min(1e-8).sqrt()
         batch.z = apply_cutmix(batch.z, mix)

@@ -53,8 +53,9 @@ log = logging.getLogger("engine.synthesize")
 SYNTHESIS_FIELDS = (
     "images", "seed", "method", "teacher", "teacher_arch", "prior", "dataset", "data_root", "class_map",
     "prompt_template", "class_free_prompt", "bn", "cls", "step_size", "guidance_scale", "sampler_steps", "scheduler",
-    "grad_mode", "reuse_eps", "guide_every", "first_bn_multiplier", "cutmix_every", "cutmix_beta", "repair_steps",
-    "repair_band", "gen_batch", "use_bn", "use_cls", "use_cutmix", "use_inpaint", "device", "overwrite",
+    "grad_mode", "reuse_eps", "guide_every", "first_bn_multiplier", "cutmix_every", "cutmix_beta", "cutmix_prob",
+    "repair_steps", "repair_band", "gen_batch", "use_bn", "use_cls", "use_cutmix", "use_inpaint", "device",
+    "overwrite",
 )
 FLAG_NAMES = {"gen_batch": "--batch"}
 METHODS = ("diffdfkd", "dmkd")  # the prior-based methods; deepinv and real-kd have no prior to sample
