@@ -52,6 +52,7 @@ class RunConfig:
     grad_mode: Literal["full", "detached"] = opt("full", "latent gradient through the UNet (full) or not (detached)")
     reuse_eps: bool = opt(False, "reuse ε̂ from before the latent step for the scheduler step (saves a UNet call)")
     guide_every: int = opt(1, "guide on every m-th sampler step only")
+    max_step_rms: float = opt(0.0, "cap on one sample's latent step (RMS per element; 0 = none)")
     first_bn_multiplier: float = opt(1.0, "extra weight of the first BN layer's term")
     divergence: Literal["kl", "js"] = opt("kl", "divergence of the adversarial term")
     cutmix_every: int = opt(5, "k: Latent CutMix every k sampler steps")
@@ -107,8 +108,8 @@ class RunConfig:
             if getattr(cfg, name) <= 0:
                 raise UserError(f"--{name.replace('_', '-')} must be positive (got {getattr(cfg, name)})")
         for name in ["bn", "cls", "adv", "step_size", "msarc", "cutmix_every", "repair_steps", "repair_band",
-                     "kd_steps_per_tick", "min_buffer", "buffer_capacity", "adv_warmup", "aug_pad", "lr",
-                     "weight_decay", "first_bn_multiplier"]:
+                     "kd_steps_per_tick", "min_buffer", "max_step_rms", "buffer_capacity", "adv_warmup", "aug_pad",
+                     "lr", "weight_decay", "first_bn_multiplier"]:
             if getattr(cfg, name) < 0:
                 raise UserError(f"--{name.replace('_', '-')} must be >= 0 (got {getattr(cfg, name)})")
         if cfg.tau <= 0 or cfg.guidance_scale <= 0 or cfg.cutmix_beta <= 0:

@@ -45,6 +45,7 @@ class GuidanceConfig:
     grad_mode: str = "full"  # full: ∇ through the UNet's ε̂ and the decoder; detached: ε̂ held constant
     recompute_eps: bool = True  # recompute ε̂ on the updated z_t before the scheduler step
     guide_every: int = 1  # guide on every m-th timestep only (cost study)
+    max_step_rms: float = 0.0  # cap on a sample's latent step (root-mean-square per element); 0 = no cap
     first_bn_multiplier: float = 1.0
     divergence: str = "kl"  # kl | js for the adversarial term
     cutmix_every: int = 0  # k: Latent CutMix every k steps (0 = off)
@@ -208,8 +209,11 @@ class GuidedSampler:
         # Guard: a sample whose gradient is not finite keeps its latent (counted, no host sync here).
         finite = torch.isfinite(grad).flatten(1).all(1)
         batch.skipped += (~finite).sum()
-        step = torch.where(finite[:, None, None, None], grad, torch.zeros_like(grad))
-        batch.z = (z - cfg.step_size * len(batch) * step).detach()
+        step = cfg.step_size * len(batch) * torch.where(finite[:, None, None, None], grad, torch.zeros_like(grad))
+        if cfg.max_step_rms > 0:  # at high noise ∂ẑ0/∂z_t ~ 1/sqrt(ᾱ_t): cap a sample's move, keep its direction
+            rms = step.flatten(1).pow(2).mean(1).sqrt()
+            step = step * (cfg.max_step_rms / rms.clamp_min(cfg.max_step_rms))[:, None, None, None]
+        batch.z = (z - step).detach()
         batch.last_terms = {k: v.detach() for k, v in terms.items()} | {"L_inv": loss.detach()}
         return eps.detach()
 

@@ -53,7 +53,8 @@ log = logging.getLogger("engine.synthesize")
 SYNTHESIS_FIELDS = (
     "images", "seed", "method", "teacher", "teacher_arch", "prior", "dataset", "data_root", "class_map",
     "prompt_template", "class_free_prompt", "bn", "cls", "step_size", "guidance_scale", "sampler_steps", "scheduler",
-    "grad_mode", "reuse_eps", "guide_every", "first_bn_multiplier", "cutmix_every", "cutmix_beta", "cutmix_prob",
+    "grad_mode", "reuse_eps", "guide_every", "max_step_rms", "first_bn_multiplier", "cutmix_every", "cutmix_beta",
+    "cutmix_prob",
     "repair_steps", "repair_band", "gen_batch", "use_bn", "use_cls", "use_cutmix", "use_inpaint", "device",
     "overwrite",
 )

@@ -38,7 +38,8 @@ def guidance_config(cfg: RunConfig) -> GuidanceConfig:
     return GuidanceConfig(
         bn=cfg.bn, cls=cfg.cls, adv=0.0, step_size=cfg.step_size, guidance_scale=cfg.guidance_scale,
         steps=cfg.sampler_steps, grad_mode=cfg.grad_mode, recompute_eps=not cfg.reuse_eps,
-        guide_every=cfg.guide_every, first_bn_multiplier=cfg.first_bn_multiplier, divergence=cfg.divergence,
+        guide_every=cfg.guide_every, max_step_rms=cfg.max_step_rms, first_bn_multiplier=cfg.first_bn_multiplier,
+        divergence=cfg.divergence,
         cutmix_every=cfg.cutmix_every, cutmix_beta=cfg.cutmix_beta, cutmix_prob=cfg.cutmix_prob,
         repair_steps=cfg.repair_steps, repair_band=cfg.repair_band,
     )
