@@ -36,16 +36,14 @@ from typing import Literal
 import torch
 
 from engine.checkpoints import atomic_dir, atomic_write_json
-from engine.classifiers import resolve_classifier
 from engine.config import RunConfig
 from engine.datasets import load_dataset
 from engine.errors import UserError, exits_cleanly
 from engine.logs import setup_logging
 from engine.loop import micro_batch
 from engine.outputs import export_image_folder, save_class_grid
-from engine.sampler import GuidedSampler, TeacherView
-from engine.world import guidance_config, load_run_prior
-from models.base import has_batchnorm
+from engine.sampler import GuidedSampler
+from engine.world import guided_sampler, load_teacher
 
 log = logging.getLogger("engine.synthesize")
 
@@ -141,24 +139,9 @@ def build_sampler(cfg: RunConfig, device: torch.device) -> tuple[GuidedSampler, 
     """Teacher, view and prior as ``engine.run`` builds them (minus the student and the real test set)."""
     split = "all" if cfg.dataset == "digits" else "test"  # only the class names and normalisation are needed
     _, info = load_dataset(cfg.dataset, split, root=cfg.data_root or None)
-    teacher = resolve_classifier(cfg.teacher, info, cfg.teacher_arch or None)
-    if teacher.checkpoint is None:
-        raise UserError(f"--teacher '{cfg.teacher}' is an untrained architecture; pass a trained checkpoint")
-    teacher.model.to(device).eval().requires_grad_(False)
-    if cfg.bn > 0 and not has_batchnorm(teacher.model):
-        log.warning("the teacher has no BatchNorm layers: the BN-statistics term is disabled (--bn 0)")
-        cfg.bn = 0.0
-    size = teacher.provenance.get("image_size", info.image_size)
-    channels = teacher.provenance.get("in_channels", info.channels)
-    view = TeacherView(size, channels, teacher.mean, teacher.std).to(device)
-    prior = load_run_prior(cfg, info, device)
-    if prior.image_size * 2 < size:
-        raise UserError(f"the prior makes {prior.image_size}px images but the teacher needs {size}px; "
-                        "use a prior of at least half the teacher's resolution")
-    try:
-        sampler = GuidedSampler(prior, teacher.model, view, info.num_classes, guidance_config(cfg))
-    except ValueError as err:
-        raise UserError(f"--scheduler {cfg.scheduler}: {err}") from None
+    teacher, view = load_teacher(cfg, info, device)
+    sampler = guided_sampler(cfg, info, teacher, view, device)
+    prior = sampler.prior
     about = {"teacher_checkpoint": teacher.checkpoint, "teacher_arch": teacher.arch, "prior": prior.source,
              "prior_kind": prior.kind, "class_names": list(info.class_names)}
     return sampler, about

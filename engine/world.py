@@ -58,8 +58,9 @@ def load_run_prior(cfg: RunConfig, info: DatasetInfo, device: torch.device):
     return prior.to(device)
 
 
-def build_world(cfg: RunConfig, device: torch.device) -> World:
-    test_set, info = load_dataset(cfg.dataset, "test", root=cfg.data_root or None)
+def load_teacher(cfg: RunConfig, info: DatasetInfo, device: torch.device) -> tuple[ClassifierSpec, TeacherView]:
+    """The frozen teacher and the view that maps images in [0, 1] to its input. Without BatchNorm layers the
+    BN-statistics term is switched off (``cfg.bn = 0``) with a warning."""
     teacher = resolve_classifier(cfg.teacher, info, cfg.teacher_arch or None)
     if teacher.checkpoint is None:
         raise UserError(f"--teacher '{cfg.teacher}' is an untrained architecture; pass a trained checkpoint")
@@ -67,17 +68,32 @@ def build_world(cfg: RunConfig, device: torch.device) -> World:
     if cfg.bn > 0 and not has_batchnorm(teacher.model):
         log.warning("the teacher has no BatchNorm layers: the BN-statistics term is disabled (--bn 0)")
         cfg.bn = 0.0
-    student = resolve_classifier(cfg.student, info).model.to(device)
     size = teacher.provenance.get("image_size", info.image_size)
     channels = teacher.provenance.get("in_channels", info.channels)
-    view = TeacherView(size, channels, teacher.mean, teacher.std).to(device)
+    return teacher, TeacherView(size, channels, teacher.mean, teacher.std).to(device)
+
+
+def guided_sampler(cfg: RunConfig, info: DatasetInfo, teacher: ClassifierSpec, view: TeacherView,
+                   device: torch.device) -> GuidedSampler:
+    """The configured prior steered by the teacher; a prior under half the teacher's resolution is refused."""
+    prior = load_run_prior(cfg, info, device)
+    if prior.image_size * 2 < view.size:
+        raise UserError(f"the prior makes {prior.image_size}px images but the teacher needs {view.size}px; "
+                        "use a prior of at least half the teacher's resolution")
+    try:
+        return GuidedSampler(prior, teacher.model, view, info.num_classes, guidance_config(cfg))
+    except ValueError as err:
+        raise UserError(f"--scheduler {cfg.scheduler}: {err}") from None
+
+
+def build_world(cfg: RunConfig, device: torch.device) -> World:
+    test_set, info = load_dataset(cfg.dataset, "test", root=cfg.data_root or None)
+    teacher, view = load_teacher(cfg, info, device)
+    student = resolve_classifier(cfg.student, info).model.to(device)
     generator, prior = None, None
     if cfg.method in ("diffdfkd", "dmkd"):
-        prior = load_run_prior(cfg, info, device)
-        if min(prior.image_size, size) * 2 < max(prior.image_size, size) and prior.image_size < size:
-            raise UserError(f"the prior makes {prior.image_size}px images but the teacher needs {size}px; "
-                            "use a prior of at least half the teacher's resolution")
-        generator = GuidedSampler(prior, teacher.model, view, info.num_classes, guidance_config(cfg))
+        generator = guided_sampler(cfg, info, teacher, view, device)
+        prior = generator.prior
     elif cfg.method == "deepinv":
         generator = DeepInversionGenerator(teacher.model, view, info.num_classes, bn=10.0 * (cfg.bn > 0),
                                            cls=1.0 * (cfg.cls > 0), adv=cfg.adv, steps=cfg.deepinv_iters,
