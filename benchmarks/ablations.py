@@ -5,11 +5,8 @@
 
 from __future__ import annotations
 
-import argparse
-from pathlib import Path
-
 from benchmarks.common import RESULTS_DIR, run_metadata, write_results
-from benchmarks.engine_runs import run_engine, seed_rows
+from benchmarks.engine_runs import budget_parser, run_engine, seed_rows
 
 VARIANTS = {
     "full": [],
@@ -24,14 +21,9 @@ VARIANTS = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--images", type=int, default=2000)
-    parser.add_argument("--student-steps", type=int, default=2000)
+    parser = budget_parser(__doc__, images=2000, student_steps=2000, runs="runs/bench-ablations",
+                           out=RESULTS_DIR / "ablations.json")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    parser.add_argument("--runs", type=Path, default=Path("runs/bench-ablations"))
-    parser.add_argument("--reuse", action="store_true")
-    parser.add_argument("--out", type=Path, default=RESULTS_DIR / "ablations.json")
     args = parser.parse_args(argv)
     budget = ["--images", str(args.images), "--student-steps", str(args.student_steps)]
     results = {"variants": {}, "budget": {"images": args.images, "student_steps": args.student_steps}}

@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 from benchmarks.common import RESULTS_DIR, run_metadata, write_results
-from benchmarks.engine_runs import run_engine, seed_rows
+from benchmarks.engine_runs import budget_parser, run_engine, seed_rows
 
 METHODS = {
     "real-kd": ["--method", "real-kd"],
@@ -41,14 +41,9 @@ def scratch_student(args, seed: int, out: Path, reuse: bool) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--images", type=int, default=2000)
-    parser.add_argument("--student-steps", type=int, default=2000)
+    parser = budget_parser(__doc__, images=2000, student_steps=2000, runs="runs/bench-accuracy",
+                           out=RESULTS_DIR / "accuracy.json")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    parser.add_argument("--runs", type=Path, default=Path("runs/bench-accuracy"))
-    parser.add_argument("--reuse", action="store_true", help="reuse finished runs under --runs")
-    parser.add_argument("--out", type=Path, default=RESULTS_DIR / "accuracy.json")
     parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="flags passed to every engine run")
     args = parser.parse_args(argv)
 

@@ -3,12 +3,25 @@ each run directory so every number traces back to its config.json and metrics.js
 
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+
+def budget_parser(doc: str, *, images: int, student_steps: int, runs: str, out: Path) -> argparse.ArgumentParser:
+    """The flags every accuracy benchmark shares: seeds, the image and student-step budget, where runs go."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--images", type=int, default=images)
+    parser.add_argument("--student-steps", type=int, default=student_steps)
+    parser.add_argument("--runs", type=Path, default=Path(runs), help="one run directory per engine run")
+    parser.add_argument("--reuse", action="store_true", help="reuse finished runs under --runs")
+    parser.add_argument("--out", type=Path, default=out)
+    return parser
 
 
 def run_engine(name: str, flags: list[str], run_dir: Path, reuse: bool = False) -> dict:

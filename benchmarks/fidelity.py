@@ -10,14 +10,13 @@ BN-statistics distance and its mean confidence (max softmax probability).
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
 import torch
 
 from benchmarks.common import RESULTS_DIR, run_metadata, write_results
-from benchmarks.engine_runs import run_engine, seed_rows
+from benchmarks.engine_runs import budget_parser, run_engine, seed_rows
 
 
 @torch.no_grad()
@@ -65,16 +64,11 @@ def plot(results: dict, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser = budget_parser(__doc__, images=1000, student_steps=1000, runs="runs/bench-fidelity",
+                           out=RESULTS_DIR / "fidelity.json")
     parser.add_argument("--scales", type=float, nargs="+", default=[1.0, 1.5, 2.0, 3.0, 4.0])
     parser.add_argument("--steps", type=int, nargs="+", default=[10, 25, 50])
     parser.add_argument("--methods", nargs="+", default=["dmkd", "diffdfkd"], choices=["dmkd", "diffdfkd"])
-    parser.add_argument("--images", type=int, default=1000)
-    parser.add_argument("--student-steps", type=int, default=1000)
-    parser.add_argument("--runs", type=Path, default=Path("runs/bench-fidelity"))
-    parser.add_argument("--reuse", action="store_true")
-    parser.add_argument("--out", type=Path, default=RESULTS_DIR / "fidelity.json")
     args = parser.parse_args(argv)
     budget = ["--images", str(args.images), "--student-steps", str(args.student_steps)]
     results = {"guidance_scales": args.scales, "sampler_steps": args.steps, "cells": {},

@@ -10,11 +10,10 @@ per guided step; detached = 1 + 1; unguided steps = 1 (×2 with classifier-free 
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 from benchmarks.common import RESULTS_DIR, run_metadata, write_results
-from benchmarks.engine_runs import run_engine, seed_rows
+from benchmarks.engine_runs import budget_parser, run_engine, seed_rows
 
 
 def points() -> dict[str, list[str]]:
@@ -58,13 +57,8 @@ def plot(results: dict, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--images", type=int, default=2000)
-    parser.add_argument("--student-steps", type=int, default=2000)
-    parser.add_argument("--runs", type=Path, default=Path("runs/bench-frontier"))
-    parser.add_argument("--reuse", action="store_true")
-    parser.add_argument("--out", type=Path, default=RESULTS_DIR / "frontier.json")
+    parser = budget_parser(__doc__, images=2000, student_steps=2000, runs="runs/bench-frontier",
+                           out=RESULTS_DIR / "frontier.json")
     args = parser.parse_args(argv)
     budget = ["--images", str(args.images), "--student-steps", str(args.student_steps)]
     results = {"points": {}, "budget": {"images": args.images, "student_steps": args.student_steps}}

@@ -9,14 +9,13 @@ ours at one budget. Reports student accuracy against teacher accuracy.
 
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import sys
 from pathlib import Path
 
 from benchmarks.common import RESULTS_DIR, run_metadata, write_results
-from benchmarks.engine_runs import run_engine, seed_rows
+from benchmarks.engine_runs import budget_parser, run_engine, seed_rows
 
 
 def train_teacher(epochs: float, out: Path, reuse: bool) -> dict:
@@ -49,15 +48,10 @@ def plot(results: dict, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser = budget_parser(__doc__, images=1000, student_steps=1000, runs="runs/bench-teacher-strength",
+                           out=RESULTS_DIR / "teacher_strength.json")
     parser.add_argument("--epochs", type=float, nargs="+", default=[0.05, 0.2, 1.0, 4.0])
     parser.add_argument("--methods", nargs="+", default=["dmkd", "diffdfkd"], choices=["dmkd", "diffdfkd"])
-    parser.add_argument("--images", type=int, default=1000)
-    parser.add_argument("--student-steps", type=int, default=1000)
-    parser.add_argument("--runs", type=Path, default=Path("runs/bench-teacher-strength"))
-    parser.add_argument("--reuse", action="store_true")
-    parser.add_argument("--out", type=Path, default=RESULTS_DIR / "teacher_strength.json")
     args = parser.parse_args(argv)
     budget = ["--images", str(args.images), "--student-steps", str(args.student_steps)]
     results = {"teachers": {}, "students": {m: {} for m in args.methods},

@@ -150,11 +150,18 @@ class DiffusionPrior(nn.Module):
         self.source = ""
 
     # -- model-specific pieces ---------------------------------------------------------------------------------------
+    def _set_class_ids(self, null_class: int, class_to_prior: Sequence[int] | None) -> None:
+        """Class-id conditioning (pixel UNets, DiT): teacher class k -> prior id ``class_to_prior[k]``."""
+        self.null_class = null_class
+        ids = list(range(len(self.class_names))) if class_to_prior is None else list(class_to_prior)
+        self.register_buffer("class_to_prior", torch.tensor(ids, dtype=torch.long), persistent=False)
+
     def _null_condition(self, batch_size: int) -> torch.Tensor:
-        raise NotImplementedError
+        """Class-id priors' null class; text priors override this with the empty prompt."""
+        return torch.full((batch_size,), self.null_class, dtype=torch.long, device=self.device)
 
     def _class_condition(self, class_ids: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        return self.class_to_prior[class_ids]
 
     def _model_output(self, z: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """One batched network call; returns the prediction with ``z``'s channels (learned sigma dropped)."""
@@ -263,15 +270,7 @@ class PixelPrior(DiffusionPrior):
         super().__init__(scheduler, (config.in_channels, size, size), config.out_channels, size, class_names,
                          conditional, prediction_type)
         self.unet = _frozen(unet)
-        self.null_class = config.num_class_embeds - 1 if conditional else 0
-        ids = list(range(len(class_names))) if class_to_prior is None else list(class_to_prior)
-        self.register_buffer("class_to_prior", torch.tensor(ids, dtype=torch.long), persistent=False)
-
-    def _null_condition(self, batch_size: int) -> torch.Tensor:
-        return torch.full((batch_size,), self.null_class, dtype=torch.long, device=self.device)
-
-    def _class_condition(self, class_ids: torch.Tensor) -> torch.Tensor:
-        return self.class_to_prior[class_ids]
+        self._set_class_ids(config.num_class_embeds - 1 if conditional else 0, class_to_prior)
 
     def _model_output(self, z: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return self.unet(z, t, class_labels=labels if self.class_conditional else None).sample
@@ -411,15 +410,7 @@ class DiTPrior(LatentDiffusionPrior):
                          class_names, True, prediction_type)
         self.transformer = _frozen(transformer)
         self._set_vae(vae)
-        self.null_class = int(config.num_embeds_ada_norm)
-        ids = list(range(len(class_names))) if class_to_prior is None else list(class_to_prior)
-        self.register_buffer("class_to_prior", torch.tensor(ids, dtype=torch.long), persistent=False)
-
-    def _null_condition(self, batch_size: int) -> torch.Tensor:
-        return torch.full((batch_size,), self.null_class, dtype=torch.long, device=self.device)
-
-    def _class_condition(self, class_ids: torch.Tensor) -> torch.Tensor:
-        return self.class_to_prior[class_ids]
+        self._set_class_ids(int(config.num_embeds_ada_norm), class_to_prior)
 
     def _model_output(self, z: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         out = self.transformer(z, timestep=t, class_labels=labels).sample  # (B, 2C, H, W) with learned sigma
