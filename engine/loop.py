@@ -55,10 +55,9 @@ class LoopState:
     last_start_tick: int = -(10**9)
     kd_credit: float = 0.0  # fractional student steps owed (spreads steps evenly over the generation ticks)
     skipped_latent_steps: int = 0
-    skipped_kd_steps: int = 0
     best_acc: float = 0.0
     last_acc: float = 0.0  # test accuracy at the last evaluation (the final step always evaluates)
-    gen_seconds: float = 0.0  # wall time the run has spent (restored on resume, so images/s stays honest)
+    elapsed_seconds: float = 0.0  # wall time the run has spent (restored on resume, so images/s stays honest)
 
 
 def micro_batch(cfg: RunConfig, index: int, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -176,7 +175,7 @@ def co_train(cfg: RunConfig, world: World, accelerator: Accelerator, outputs: Ru
                        steps_left=cfg.student_steps - state.student_step, buffered=len(buffer))
     in_flight: list = []
     window = {"images": 0, "start": time.time(), "kd": {}, "inv": {}, "skipped": 0}
-    run_start = time.time() - state.gen_seconds
+    run_start = time.time() - state.elapsed_seconds
 
     # 4. The loop -----------------------------------------------------------------------------------------------------
     while state.student_step < cfg.student_steps or state.batches_finished < n_batches:
@@ -234,19 +233,19 @@ def co_train(cfg: RunConfig, world: World, accelerator: Accelerator, outputs: Ru
         # 4c. Checkpoint (host sync point).
         if state.tick % cfg.checkpoint_every == 0:
             streams.join()
-            state.gen_seconds = time.time() - run_start
+            state.elapsed_seconds = time.time() - run_start
             outputs.save_checkpoint(accelerator, plain_student, optimizer, schedule, buffer, state, rng_state(),
                                     batch_generator.get_state())
 
     # 5. Final outputs (the last metrics line has evaluated the student) -------------------------------------------
     streams.join()
-    state.gen_seconds = time.time() - run_start
+    state.elapsed_seconds = time.time() - run_start
     final_acc = state.last_acc  # evaluated by the metrics line of the last student step
     outputs.save_checkpoint(accelerator, plain_student, optimizer, schedule, buffer, state, rng_state(),
                             batch_generator.get_state())
     images_made = int(accelerator.reduce(torch.tensor(buffer.total_added, device=device), "sum"))
     summary = {"student_acc": final_acc, "best_student_acc": state.best_acc, "student_steps": state.student_step,
-               "images": images_made, "ticks": state.tick, "wall_seconds": round(state.gen_seconds, 1),
+               "images": images_made, "ticks": state.tick, "wall_seconds": round(state.elapsed_seconds, 1),
                "skipped_latent_steps": state.skipped_latent_steps, "processes": ranks}
     outputs.write_final(accelerator, plain_student, buffer, info, summary, arch=cfg.student,
                         mean=world.teacher.mean, std=world.teacher.std, export=cfg.export)
