@@ -142,8 +142,23 @@ class RunConfig:
         return json.dumps(dataclasses.asdict(self), indent=2)
 
 
-def _flag(f: dataclasses.Field) -> str:
-    return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+def add_config_flags(parser: argparse.ArgumentParser, names=None, *, renamed: dict | None = None,
+                     help: dict | None = None, choices: dict | None = None) -> None:
+    """One flag per RunConfig field (all, or ``names``), typed from the dataclass; booleans that default to on
+    become ``--no-NAME``. ``renamed``/``help``/``choices`` override a field's flag, help text or choices."""
+    renamed, help, choices = renamed or {}, help or {}, choices or {}
+    hints = typing.get_type_hints(RunConfig)
+    fields = {f.name: f for f in dataclasses.fields(RunConfig)}
+    for name in names or fields:
+        f, kind = fields[name], hints[name]
+        flag = renamed.get(name) or f.metadata.get("flag") or "--" + name.replace("_", "-")
+        common = {"dest": name, "default": f.default, "help": help.get(name, f.metadata.get("help", ""))}
+        if kind is bool:
+            parser.add_argument(flag, action="store_false" if f.default else "store_true", **common)
+        elif typing.get_origin(kind) is Literal:
+            parser.add_argument(flag, choices=choices.get(name, typing.get_args(kind)), **common)
+        else:
+            parser.add_argument(flag, type=kind, **common)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -153,18 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         allow_abbrev=False,
     )
-    hints = typing.get_type_hints(RunConfig)
-    for f in dataclasses.fields(RunConfig):
-        kind = hints[f.name]
-        help_text = f.metadata.get("help", "")
-        if kind is bool:
-            action = "store_false" if f.default else "store_true"
-            parser.add_argument(_flag(f), dest=f.name, action=action, default=f.default, help=help_text)
-        elif typing.get_origin(kind) is Literal:
-            parser.add_argument(_flag(f), dest=f.name, choices=typing.get_args(kind), default=f.default,
-                                help=help_text)
-        else:
-            parser.add_argument(_flag(f), dest=f.name, type=kind, default=f.default, help=help_text)
+    add_config_flags(parser)
     return parser
 
 

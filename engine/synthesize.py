@@ -28,15 +28,13 @@ import math
 import os
 import sys
 import time
-import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import torch
 
 from engine.checkpoints import atomic_dir, atomic_write_json
-from engine.config import RunConfig
+from engine.config import RunConfig, add_config_flags
 from engine.datasets import load_dataset
 from engine.errors import UserError, exits_cleanly
 from engine.logs import setup_logging
@@ -60,10 +58,6 @@ FLAG_NAMES = {"gen_batch": "--batch"}
 METHODS = ("diffdfkd", "dmkd")  # the prior-based methods; deepinv and real-kd have no prior to sample
 
 
-def _flag(f: dataclasses.Field) -> str:
-    return FLAG_NAMES.get(f.name) or f.metadata.get("flag") or "--" + f.name.replace("_", "-")
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m engine.synthesize",
@@ -73,20 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--out", type=Path, required=True,
                         help="output folder (refused if it exists; see --overwrite)")
-    hints = typing.get_type_hints(RunConfig)
-    fields = {f.name: f for f in dataclasses.fields(RunConfig)}
-    for name in SYNTHESIS_FIELDS:
-        f, kind, help_text = fields[name], hints[name], fields[name].metadata.get("help", "")
-        if name == "overwrite":
-            help_text = "replace an existing --out folder"
-        if kind is bool:
-            action = "store_false" if f.default else "store_true"
-            parser.add_argument(_flag(f), dest=name, action=action, default=f.default, help=help_text)
-        elif typing.get_origin(kind) is Literal:
-            choices = METHODS if name == "method" else typing.get_args(kind)
-            parser.add_argument(_flag(f), dest=name, choices=choices, default=f.default, help=help_text)
-        else:
-            parser.add_argument(_flag(f), dest=name, type=kind, default=f.default, help=help_text)
+    add_config_flags(parser, SYNTHESIS_FIELDS, renamed=FLAG_NAMES, choices={"method": METHODS},
+                     help={"overwrite": "replace an existing --out folder"})
     return parser
 
 
