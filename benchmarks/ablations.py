@@ -6,7 +6,7 @@
 from __future__ import annotations
 
 from benchmarks.common import RESULTS_DIR, run_metadata, write_results
-from benchmarks.engine_runs import budget_parser, run_engine, seed_rows
+from benchmarks.engine_runs import budget_parser, run_engines, seed_rows
 
 VARIANTS = {
     "full": [],
@@ -27,9 +27,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     budget = ["--images", str(args.images), "--student-steps", str(args.student_steps)]
     results = {"variants": {}, "budget": {"images": args.images, "student_steps": args.student_steps}}
+    jobs = [(name, [*VARIANTS[name], *budget, "--seed", str(s)], args.runs / f"{name}-s{s}")
+            for name in args.variants for s in args.seeds]
+    summaries = iter(run_engines(jobs, args.reuse, args.jobs))
     for name in args.variants:
-        runs = [run_engine(name, [*VARIANTS[name], *budget, "--seed", str(s)], args.runs / f"{name}-s{s}", args.reuse)
-                for s in args.seeds]
+        runs = [next(summaries) for _ in args.seeds]
         results["variants"][name] = seed_rows(runs, args.seeds) | {"flags": VARIANTS[name]}
         m = results["variants"][name]["last_mean_std"]
         print(f"{name:12s} {100 * m['mean']:6.2f} ± {100 * m['std']:.2f}", flush=True)

@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 from benchmarks.common import RESULTS_DIR, run_metadata, write_results
-from benchmarks.engine_runs import budget_parser, run_engine, seed_rows
+from benchmarks.engine_runs import budget_parser, run_engines, seed_rows
 
 METHODS = {
     "real-kd": ["--method", "real-kd"],
@@ -54,13 +54,11 @@ def main(argv: list[str] | None = None) -> int:
     rows = {"scratch-real": []}
     for seed in args.seeds:
         rows["scratch-real"].append(scratch_student(args, seed, args.runs / f"scratch-real-s{seed}", args.reuse))
+    jobs = [(name, [*METHODS[name], *budget, "--seed", str(seed), *args.extra], args.runs / f"{name}-s{seed}")
+            for name in args.methods for seed in args.seeds]
+    summaries = iter(run_engines(jobs, args.reuse, args.jobs))
     for name in args.methods:
-        rows[name] = []
-        for seed in args.seeds:
-            run_dir = args.runs / f"{name}-s{seed}"
-            summary = run_engine(name, [*METHODS[name], *budget, "--seed", str(seed), *args.extra], run_dir,
-                                 args.reuse)
-            rows[name].append(summary)
+        rows[name] = [next(summaries) for _ in args.seeds]
     for name, runs in rows.items():
         results["methods"][name] = seed_rows(runs, args.seeds)
     results["budget"] = {"images": args.images, "student_steps": args.student_steps, "extra_flags": args.extra}

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 
@@ -21,18 +23,29 @@ def budget_parser(doc: str, *, images: int, student_steps: int, runs: str, out: 
     parser.add_argument("--runs", type=Path, default=Path(runs), help="one run directory per engine run")
     parser.add_argument("--reuse", action="store_true", help="reuse finished runs under --runs")
     parser.add_argument("--out", type=Path, default=out)
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="engine runs at once; each gets cpu_count/jobs torch threads (CPU machines)")
     return parser
 
 
-def run_engine(name: str, flags: list[str], run_dir: Path, reuse: bool = False) -> dict:
+def run_engine(name: str, flags: list[str], run_dir: Path, reuse: bool = False, threads: int = 0) -> dict:
     """The run's summary.json (student_acc, best_student_acc, wall_seconds, images, ...)."""
     summary = run_dir / "summary.json"
     if reuse and summary.exists():
         return json.loads(summary.read_text())
     command = [sys.executable, "-m", "engine.run", "--run-dir", str(run_dir), "--overwrite", *flags]
+    env = os.environ | ({"OMP_NUM_THREADS": str(threads)} if threads else {})
     print(f"[{time.strftime('%H:%M:%S')}] {name}: python {' '.join(command[1:])}", flush=True)
-    subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     return json.loads(summary.read_text())
+
+
+def run_engines(runs: list[tuple[str, list[str], Path]], reuse: bool = False, jobs: int = 1) -> list[dict]:
+    """Several engine runs, ``jobs`` at a time; summaries in the order given. With jobs > 1 each run gets an equal
+    share of the CPU threads: on a 2-core machine two 1-thread runs finish sooner than two 2-thread runs in turn."""
+    threads = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else 0
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        return list(pool.map(lambda run: run_engine(*run, reuse=reuse, threads=threads), runs))
 
 
 def mean_std(values: list[float]) -> dict:

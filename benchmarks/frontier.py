@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from benchmarks.common import RESULTS_DIR, run_metadata, write_results
-from benchmarks.engine_runs import budget_parser, run_engine, seed_rows
+from benchmarks.engine_runs import budget_parser, run_engines, seed_rows
 
 
 def points() -> dict[str, list[str]]:
@@ -62,9 +62,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     budget = ["--images", str(args.images), "--student-steps", str(args.student_steps)]
     results = {"points": {}, "budget": {"images": args.images, "student_steps": args.student_steps}}
+    jobs = [(name, [*flags, *budget, "--seed", str(s)], args.runs / f"{name}-s{s}")
+            for name, flags in points().items() for s in args.seeds]
+    summaries = iter(run_engines(jobs, args.reuse, args.jobs))
     for name, flags in points().items():
-        runs = [run_engine(name, [*flags, *budget, "--seed", str(s)], args.runs / f"{name}-s{s}", args.reuse)
-                for s in args.seeds]
+        runs = [next(summaries) for _ in args.seeds]
         results["points"][name] = seed_rows(runs, args.seeds) | {
             "flags": flags, "unet_forwards_per_image": unet_forwards_per_image(flags)}
     write_results(results | run_metadata("benchmarks.frontier", argv), args.out)

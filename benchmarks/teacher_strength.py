@@ -2,7 +2,7 @@
 
     python -m benchmarks.teacher_strength --seeds 0 1 2 --epochs 0.05 0.2 1 4
 
-Teachers of one family (``convnet-w64``) at several strengths, taken as checkpoints of different training lengths
+Teachers of one family (``--arch``, the default teacher's ``convnet2-w32``) at several strengths, taken as checkpoints of different training lengths
 (the weakest a few accuracy points below the strongest), each distilled into the same student by ``dmkd`` and by
 ours at one budget. Reports student accuracy against teacher accuracy.
 """
@@ -15,13 +15,13 @@ import sys
 from pathlib import Path
 
 from benchmarks.common import RESULTS_DIR, run_metadata, write_results
-from benchmarks.engine_runs import budget_parser, run_engine, seed_rows
+from benchmarks.engine_runs import budget_parser, run_engines, seed_rows
 
 
-def train_teacher(epochs: float, out: Path, reuse: bool) -> dict:
+def train_teacher(arch: str, epochs: float, out: Path, reuse: bool) -> dict:
     meta = out.with_suffix(".json")
     if not (reuse and meta.exists()):
-        subprocess.run([sys.executable, "-m", "engine.train_teacher", "--arch", "convnet-w64", "--dataset", "mnist",
+        subprocess.run([sys.executable, "-m", "engine.train_teacher", "--arch", arch, "--dataset", "mnist",
                         "--split", "trainval", "--epochs", str(epochs), "--out", str(out)], check=True,
                        stderr=subprocess.DEVNULL)
     return json.loads(meta.read_text())
@@ -51,21 +51,25 @@ def main(argv: list[str] | None = None) -> int:
     parser = budget_parser(__doc__, images=1000, student_steps=1000, runs="runs/bench-teacher-strength",
                            out=RESULTS_DIR / "teacher_strength.json")
     parser.add_argument("--epochs", type=float, nargs="+", default=[0.05, 0.2, 1.0, 4.0])
+    parser.add_argument("--arch", default="convnet2-w32", help="the teachers' family (the default teacher's)")
     parser.add_argument("--methods", nargs="+", default=["dmkd", "diffdfkd"], choices=["dmkd", "diffdfkd"])
     args = parser.parse_args(argv)
     budget = ["--images", str(args.images), "--student-steps", str(args.student_steps)]
     results = {"teachers": {}, "students": {m: {} for m in args.methods},
                "budget": {"images": args.images, "student_steps": args.student_steps}}
+    jobs = []
     for epochs in args.epochs:
         name = f"teacher-e{epochs:g}"
         path = args.runs / name
-        meta = train_teacher(epochs, path, args.reuse)
-        results["teachers"][name] = {"epochs": epochs, "test_accuracy": meta["test_accuracy"]}
+        meta = train_teacher(args.arch, epochs, path, args.reuse)
+        results["teachers"][name] = {"arch": args.arch, "epochs": epochs, "test_accuracy": meta["test_accuracy"]}
+        teacher = ["--teacher", str(path.with_suffix(".safetensors"))]
+        jobs += [(f"{method} {name}", ["--method", method, *teacher, *budget, "--seed", str(s)],
+                  args.runs / f"{method}-{name}-s{s}") for method in args.methods for s in args.seeds]
+    summaries = iter(run_engines(jobs, args.reuse, args.jobs))
+    for name in results["teachers"]:
         for method in args.methods:
-            runs = [run_engine(f"{method} {name}", ["--method", method, "--teacher", str(path.with_suffix(
-                ".safetensors")), *budget, "--seed", str(s)], args.runs / f"{method}-{name}-s{s}", args.reuse)
-                for s in args.seeds]
-            results["students"][method][name] = seed_rows(runs, args.seeds)
+            results["students"][method][name] = seed_rows([next(summaries) for _ in args.seeds], args.seeds)
     write_results(results | run_metadata("benchmarks.teacher_strength", argv), args.out)
     plot(results, args.out.with_suffix(".png"))
     return 0
