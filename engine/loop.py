@@ -55,6 +55,7 @@ class LoopState:
     last_start_tick: int = -(10**9)
     kd_credit: float = 0.0  # fractional student steps owed (spreads steps evenly over the generation ticks)
     skipped_latent_steps: int = 0
+    skipped_student_steps: int = 0  # student steps whose KD loss or gradient was not finite (no update made)
     best_acc: float = 0.0
     last_acc: float = 0.0  # test accuracy at the last evaluation (the final step always evaluates)
     elapsed_seconds: float = 0.0  # wall time the run has spent (restored on resume, so images/s stays honest)
@@ -219,9 +220,13 @@ def co_train(cfg: RunConfig, world: World, accelerator: Accelerator, outputs: Ru
                 streams.wait("train", "generated")
                 streams.wait("train", "snapshotted")
                 for _ in range(n_steps):
-                    window["kd"] = student_step(cfg, student, plain_student, teacher, view, buffer, optimizer,
-                                                accelerator, kd_loss, batch_generator)
-                    schedule.step()
+                    terms = student_step(cfg, student, plain_student, teacher, view, buffer, optimizer, accelerator,
+                                         kd_loss, batch_generator)
+                    if terms is None:  # skipped: the metrics keep the last finite terms
+                        state.skipped_student_steps += 1
+                    else:
+                        window["kd"] = terms
+                    schedule.step()  # the schedule advances either way: a skipped step still spends its place
                     state.student_step += 1
                     if state.student_step % cfg.log_every == 0 or state.student_step == cfg.student_steps:
                         streams.join()
@@ -246,17 +251,32 @@ def co_train(cfg: RunConfig, world: World, accelerator: Accelerator, outputs: Ru
     images_made = int(accelerator.reduce(torch.tensor(buffer.total_added, device=device), "sum"))
     summary = {"student_acc": final_acc, "best_student_acc": state.best_acc, "student_steps": state.student_step,
                "images": images_made, "ticks": state.tick, "wall_seconds": round(state.elapsed_seconds, 1),
-               "skipped_latent_steps": state.skipped_latent_steps, "processes": ranks}
+               "skipped_latent_steps": state.skipped_latent_steps,
+               "skipped_student_steps": state.skipped_student_steps, "processes": ranks}
     outputs.write_final(accelerator, plain_student, buffer, info, summary, arch=cfg.student,
                         mean=world.teacher.mean, std=world.teacher.std, export=cfg.export)
     return summary
 
 
 def student_step(cfg, student, plain_student, teacher, view, buffer, optimizer, accelerator, kd_loss, generator):
-    """One KD update: L_kd = τ²·KL(p_T^τ ‖ p_S^τ) + μ·L_mSARC on an augmented replay-buffer batch."""
+    """One KD update: L_kd = τ²·KL(p_T^τ ‖ p_S^τ) + μ·L_mSARC on an augmented replay-buffer batch. Returns the
+    detached terms, or ``None`` when the step was skipped.
+
+    Guard: if L_kd or any gradient is not finite, the optimizer step is skipped, so neither the weights nor the
+    optimizer state (Adam moments, step count) move; zeroing the gradients and stepping would not do, since AdamW
+    still decays the weights and moments on a zero gradient. The BN running statistics, which the forward pass has
+    already updated (to NaN, if its activations were), are restored from a copy (a few small vectors per step).
+    Deciding needs the flag on the host: one ``bool(tensor)`` per step. On CPU that costs nothing; on CUDA it waits
+    for the train stream's queued work (a round trip, and the host stops queueing generation ahead of training
+    meanwhile). A sync-free gate would be fused AdamW's ``found_inf`` (what GradScaler uses), not worth its private
+    API here. Under DDP the gradients are already averaged across processes and the flag is reduced too, so every
+    process skips the same steps. With fp16 the GradScaler checks the gradients (an overflow there is routine) and
+    its skips count here too.
+    """
     images, cached_logits, _ = buffer.sample(cfg.batch_size, generator)
     x = view.normalize(student_augment(images, cfg.aug_pad, cfg.aug_flip, generator))
     use_msarc = cfg.msarc > 0
+    bn_state = [b.detach().clone() for b in plain_student.buffers()]
     with accelerator.autocast():
         with torch.no_grad():  # the teacher sees the student's augmented view unless its cached logits are used
             teacher_logits, teacher_features = cached_logits, None
@@ -275,7 +295,21 @@ def student_step(cfg, student, plain_student, teacher, view, buffer, optimizer, 
         loss = kd_loss(terms)
     optimizer.zero_grad(set_to_none=True)
     accelerator.backward(loss)
+    bad = ~torch.isfinite(loss.detach().float())
+    if accelerator.scaler is None:  # fp16's GradScaler finds overflowing gradients itself (and rescales)
+        bad = bad | ~torch.stack([torch.isfinite(p.grad).all() for p in plain_student.parameters()
+                                  if p.grad is not None]).all()
+    if accelerator.num_processes > 1:
+        bad = accelerator.reduce(bad.int().reshape(1), "sum")
+    if bool(bad):  # the host sync described above
+        optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            for live, saved in zip(plain_student.buffers(), bn_state):
+                live.copy_(saved)
+        return None
     optimizer.step()
+    if accelerator.scaler is not None and optimizer.step_was_skipped:
+        return None
     return {k: v.detach() for k, v in terms.items()} | {"L_kd": loss.detach()}
 
 
@@ -311,6 +345,7 @@ def log_metrics(cfg, state, window, buffer, world, student, outputs: RunOutputs,
     state.skipped_latent_steps += counts[4]
     window["inv"], window["skipped"] = {}, 0
     line["skipped_latent_steps"] = state.skipped_latent_steps
+    line["skipped_student_steps"] = state.skipped_student_steps  # the same on every process (see student_step)
     if device.type == "cuda":
         line["gpu_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
     evaluate = state.student_step % cfg.eval_every == 0 or state.student_step == cfg.student_steps
