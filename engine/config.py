@@ -62,6 +62,13 @@ class RunConfig:
     repair_band: int = opt(2, "w: width of the repaired band around the box edge, in latent pixels")
     gen_batch: int = opt(50, "images per generation micro-batch")
     in_flight: int = opt(4, "micro-batches in flight at staggered timesteps")
+    grad_chunk: int = opt(0, "latent gradient over chunks of this many samples of a micro-batch, one after another "
+                          "(less peak memory; 0 = whole micro-batch); the BN-statistics term then sees each chunk's "
+                          "statistics, the other terms are unchanged")
+    grad_checkpointing: bool = opt(False, "activation checkpointing in the prior's UNet/DiT and VAE decoder (less "
+                                   "memory, about one more forward per guided step)", flag="--grad-checkpointing")
+    memory_target_gb: float = opt(0.0, "CUDA: pick the largest --grad-chunk (gen-batch, then halved; checkpointing "
+                                  "if needed) whose guided step peaks under this many GB (0 = off)")
     deepinv_iters: int = opt(100, "optimisation steps per DeepInversion batch")
     deepinv_lr: float = opt(0.1, "Adam learning rate of DeepInversion's pixels")
     # --- student training (SPEC §3) ------------------------------------------------------------------------------
@@ -109,7 +116,7 @@ class RunConfig:
                 raise UserError(f"--{name.replace('_', '-')} must be positive (got {getattr(cfg, name)})")
         for name in ["bn", "cls", "adv", "step_size", "msarc", "cutmix_every", "repair_steps", "repair_band",
                      "kd_steps_per_tick", "min_buffer", "max_step_rms", "buffer_capacity", "adv_warmup", "aug_pad",
-                     "lr", "weight_decay", "first_bn_multiplier"]:
+                     "lr", "weight_decay", "first_bn_multiplier", "grad_chunk", "memory_target_gb"]:
             if getattr(cfg, name) < 0:
                 raise UserError(f"--{name.replace('_', '-')} must be >= 0 (got {getattr(cfg, name)})")
         if cfg.tau <= 0 or cfg.guidance_scale <= 0 or cfg.cutmix_beta <= 0:

@@ -38,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     setup_logging()
     from engine.loop import co_train
+    from engine.memory import fit_memory_target
     from engine.outputs import RunOutputs, check_run_dir, live_display, prepare_run_dir
     from engine.world import build_world
 
@@ -47,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = Path(cfg.run_dir)
     check_run_dir(run_dir, cfg.resume, cfg.overwrite)  # read-only, on every rank: all fail alike or none does
     world = build_world(cfg, accelerator.device)  # all user errors surface here, before any output is written
+    cfg = fit_memory_target(cfg, world, accelerator)  # CUDA: measured --grad-chunk, recorded in config.json
     if accelerator.is_main_process:
         prepare_run_dir(run_dir, cfg.resume, cfg.overwrite)  # only now is an old run replaced (--overwrite)
     accelerator.wait_for_everyone()

@@ -53,6 +53,8 @@ class GuidanceConfig:
     cutmix_prob: float = 1.0  # fraction of the samples mixed at each CutMix event
     repair_steps: int = 0  # r: steps of seam repair after each CutMix (0 = no inpainting)
     repair_band: int = 1  # w: band width around the box edge, in latent pixels
+    grad_chunk: int = 0  # latent gradient over chunks of this many samples (0 = the whole micro-batch)
+    grad_checkpointing: bool = False  # activation checkpointing in the prior's UNet/DiT and VAE decoder
 
     def weights(self) -> dict[str, float]:
         return {"bn": self.bn, "cls": self.cls, "adv": self.adv}
@@ -179,15 +181,52 @@ class GuidedSampler:
     # 2-3. Guided latent update ------------------------------------------------------------------------------------
     @torch.enable_grad()
     def guidance_step(self, batch: GenerationBatch, t, student: nn.Module | None) -> torch.Tensor:
-        """One gradient step on z_t against L_inv; returns ε̂ at the *old* z_t (detached) for reuse."""
+        """One gradient step on z_t against L_inv; returns ε̂ at the *old* z_t (detached) for reuse.
+
+        Memory. The graph of one step (UNet on 2B inputs for CFG, decoder, teacher, student) is what peaks, so
+        ``grad_chunk = c`` runs forward + backward on chunks of c samples one after another and concatenates their
+        latent gradients: peak activation memory scales with c, not B. Each chunk's step is scaled by its own size,
+        z_i ← z_i − η·c·∇_{z_i} L_inv(chunk), so for the per-sample terms (L_cls, L_adv: batch means, and the
+        teacher, student and prior act per sample in eval mode) every sample moves exactly as in one whole-batch
+        step (η·B·∇ of a B-mean is η·∂ℓ_i/∂z_i either way). L_bn is not per sample: it compares the *chunk's* BN
+        statistics with the running ones, so with chunks it steers each chunk's statistics, a different (noisier,
+        for small c) objective than the micro-batch's. ``last_terms`` are the chunk-size-weighted means (for the
+        per-sample terms: the whole-batch values). ``grad_checkpointing`` makes the prior keep only block inputs
+        and recompute the rest during the backward pass (about one more UNet/decoder forward per guided step).
+        """
         cfg = self.config
-        z = batch.z.detach().requires_grad_(True)
+        self.prior.enable_gradient_checkpointing(cfg.grad_checkpointing)
+        n = len(batch)
+        size = cfg.grad_chunk if 0 < cfg.grad_chunk < n else n
+        steps, eps, sums = [], [], {}
+        for start in range(0, n, size):
+            part = slice(start, min(start + size, n))
+            step, part_eps, terms = self._chunk_step(batch, part, t, student)
+            steps.append(step)
+            eps.append(part_eps)
+            for name, value in terms.items():
+                sums[name] = sums.get(name, 0.0) + value * (part.stop - part.start)
+        step = torch.cat(steps) if len(steps) > 1 else steps[0]
+        if cfg.max_step_rms > 0:  # at high noise ∂ẑ0/∂z_t ~ 1/sqrt(ᾱ_t): cap a sample's move, keep its direction
+            rms = step.flatten(1).pow(2).mean(1).sqrt()
+            step = step * (cfg.max_step_rms / rms.clamp_min(cfg.max_step_rms))[:, None, None, None]
+        batch.z = (batch.z - step).detach()
+        batch.last_terms = {name: value / n for name, value in sums.items()} if len(steps) > 1 else terms
+        return torch.cat(eps) if len(eps) > 1 else eps[0]
+
+    def _chunk_step(self, batch: GenerationBatch, part: slice, t, student: nn.Module | None):
+        """η·c·∇_{z_t} L_inv on the c samples ``part`` of the batch (zero for a sample whose gradient is not
+        finite); returns (step, ε̂ detached, terms detached). The graph is freed before the next chunk starts."""
+        cfg = self.config
+        whole = part.stop - part.start == len(batch)
+        z = batch.z[part].detach().requires_grad_(True)
+        cond = batch.cond if whole else batch.cond.select(torch.arange(part.start, part.stop))
         model_input = batch.scheduler.scale_model_input(z, t)
         if cfg.grad_mode == "full":
-            eps = self.prior.predict_noise(model_input, t, batch.cond, cfg.guidance_scale)
+            eps = self.prior.predict_noise(model_input, t, cond, cfg.guidance_scale)
         else:
             with torch.no_grad():
-                eps = self.prior.predict_noise(model_input, t, batch.cond, cfg.guidance_scale)
+                eps = self.prior.predict_noise(model_input, t, cond, cfg.guidance_scale)
         a = alpha_bar(batch.scheduler, t)
         z0 = (z - (1 - a).sqrt() * eps) / a.sqrt()
         x = self.view(straight_through_clamp(self.prior.decode(z0)))
@@ -199,7 +238,7 @@ class GuidedSampler:
         else:
             teacher_logits, terms = self.teacher(x), {}
         if "cls" in active:
-            terms["cls"] = class_prior_loss(teacher_logits, batch.label_weights)
+            terms["cls"] = class_prior_loss(teacher_logits, batch.label_weights[part])
         if "adv" in active and student is not None:
             terms["adv"] = adversarial_loss(teacher_logits, student(x), divergence=cfg.divergence)
         elif "adv" in active:
@@ -209,13 +248,8 @@ class GuidedSampler:
         # Guard: a sample whose gradient is not finite keeps its latent (counted, no host sync here).
         finite = torch.isfinite(grad).flatten(1).all(1)
         batch.skipped += (~finite).sum()
-        step = cfg.step_size * len(batch) * torch.where(finite[:, None, None, None], grad, torch.zeros_like(grad))
-        if cfg.max_step_rms > 0:  # at high noise ∂ẑ0/∂z_t ~ 1/sqrt(ᾱ_t): cap a sample's move, keep its direction
-            rms = step.flatten(1).pow(2).mean(1).sqrt()
-            step = step * (cfg.max_step_rms / rms.clamp_min(cfg.max_step_rms))[:, None, None, None]
-        batch.z = (z - step).detach()
-        batch.last_terms = {k: v.detach() for k, v in terms.items()} | {"L_inv": loss.detach()}
-        return eps.detach()
+        step = cfg.step_size * len(z) * torch.where(finite[:, None, None, None], grad, torch.zeros_like(grad))
+        return step, eps.detach(), {k: v.detach() for k, v in terms.items()} | {"L_inv": loss.detach()}
 
     # 4-5. Denoise, CutMix, repair ---------------------------------------------------------------------------------
     @torch.no_grad()

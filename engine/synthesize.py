@@ -51,8 +51,8 @@ SYNTHESIS_FIELDS = (
     "prompt_template", "class_free_prompt", "bn", "cls", "step_size", "guidance_scale", "sampler_steps", "scheduler",
     "grad_mode", "reuse_eps", "guide_every", "max_step_rms", "first_bn_multiplier", "cutmix_every", "cutmix_beta",
     "cutmix_prob",
-    "repair_steps", "repair_band", "gen_batch", "use_bn", "use_cls", "use_cutmix", "use_inpaint", "device",
-    "overwrite",
+    "repair_steps", "repair_band", "gen_batch", "grad_chunk", "grad_checkpointing", "use_bn", "use_cls", "use_cutmix",
+    "use_inpaint", "device", "overwrite",
 )
 FLAG_NAMES = {"gen_batch": "--batch"}
 METHODS = ("diffdfkd", "dmkd")  # the prior-based methods; deepinv and real-kd have no prior to sample

@@ -42,6 +42,7 @@ def guidance_config(cfg: RunConfig) -> GuidanceConfig:
         divergence=cfg.divergence,
         cutmix_every=cfg.cutmix_every, cutmix_beta=cfg.cutmix_beta, cutmix_prob=cfg.cutmix_prob,
         repair_steps=cfg.repair_steps, repair_band=cfg.repair_band,
+        grad_chunk=cfg.grad_chunk, grad_checkpointing=cfg.grad_checkpointing,
     )
 
 

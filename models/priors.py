@@ -126,6 +126,7 @@ class DiffusionPrior(nn.Module):
 
     kind: str = "prior"
     is_latent: bool = False
+    checkpointable: tuple[str, ...] = ()  # the diffusers networks the latent gradient flows back through
 
     def __init__(
         self,
@@ -148,6 +149,7 @@ class DiffusionPrior(nn.Module):
         self.class_conditional = class_conditional
         self.prediction_type = prediction_type
         self.source = ""
+        self.gradient_checkpointing = False
 
     # -- model-specific pieces ---------------------------------------------------------------------------------------
     def _set_class_ids(self, null_class: int, class_to_prior: Sequence[int] | None) -> None:
@@ -190,6 +192,23 @@ class DiffusionPrior(nn.Module):
 
     def train(self, mode: bool = True) -> DiffusionPrior:
         return super().train(False)  # always eval: frozen weights, no label dropout
+
+    def enable_gradient_checkpointing(self, enabled: bool = True) -> None:
+        """Activation checkpointing in the networks of ``checkpointable`` (the UNet or DiT, and the VAE, whose
+        decoder the guidance gradient crosses): their blocks keep only their inputs in the forward pass and recompute
+        the rest in the backward pass, about one more forward for much less activation memory. diffusers (0.42)
+        checks ``torch.is_grad_enabled() and self.gradient_checkpointing``, not ``self.training``, so it acts in the
+        eval-mode guidance step and not at all under ``no_grad`` (unguided steps, ε̂ recompute, decode). Cheap to
+        call again with the same value."""
+        if enabled == self.gradient_checkpointing:
+            return
+        for name in self.checkpointable:
+            network = getattr(self, name)
+            if enabled:
+                network.enable_gradient_checkpointing()
+            else:
+                network.disable_gradient_checkpointing()
+        self.gradient_checkpointing = enabled
 
     def condition(self, class_ids: torch.Tensor | Sequence[int] | None, batch_size: int | None = None) -> Cond:
         """Conditioning for a batch of teacher class ids ``(B,)``; ``None`` (with ``batch_size``): unconditional."""
@@ -253,6 +272,7 @@ class PixelPrior(DiffusionPrior):
 
     kind = "pixel"
     is_latent = False
+    checkpointable = ("unet",)
 
     def __init__(
         self,
@@ -319,6 +339,7 @@ class StableDiffusionPrior(LatentDiffusionPrior):
     """
 
     kind = "sd"
+    checkpointable = ("unet", "vae")
 
     def __init__(
         self,
@@ -388,6 +409,7 @@ class DiTPrior(LatentDiffusionPrior):
     """
 
     kind = "dit"
+    checkpointable = ("transformer", "vae")
 
     def __init__(
         self,

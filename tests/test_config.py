@@ -93,6 +93,8 @@ def test_unknown_or_ill_typed_flags_exit_2(argv, capsys):
     (["--student-steps", "-5"], "--student-steps must be positive"),
     (["--sampler-steps", "0"], "--sampler-steps must be positive"),
     (["--bn", "-1"], "--bn must be >= 0"),
+    (["--grad-chunk", "-2"], "--grad-chunk must be >= 0"),
+    (["--memory-target-gb", "-1"], "--memory-target-gb must be >= 0"),
     (["--tau", "0"], "--tau"),
     (["--resume", "--overwrite"], "contradict"),
 ])

@@ -36,3 +36,34 @@ def test_online_run_with_streams_on_cuda(world, tmp_path):
     assert code == 0, err
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["student_steps"] == 8 and summary["images"] == 16
+
+
+def test_memory_target_picks_the_largest_chunk_that_fits_on_cuda(world, tmp_path):
+    import dataclasses
+
+    from engine.config import parse_config
+    from engine.errors import UserError
+    from engine.memory import fit_memory_target, guided_step_peak
+    from engine.run import make_accelerator
+    from engine.world import build_world
+
+    accelerator = make_accelerator("cuda", "no")
+    cfg = parse_config(world.argv(tmp_path / "run", "--device", "cuda", "--gen-batch", "64")).resolved()
+    built = build_world(cfg, accelerator.device)
+    sampler, student = built.generator, built.student.eval()
+    labels, seeds = torch.arange(64) % 10, torch.arange(64)
+    sampler.set_weights(adv=cfg.adv)  # as the calibration measures: L_adv on
+    peaks = {}
+    for chunk in (0, 8):
+        sampler.config.grad_chunk = chunk
+        peaks[chunk] = guided_step_peak(sampler, labels, seeds, student, accelerator.device)
+    sampler.config.grad_chunk = 0
+    sampler.set_weights(adv=0.0)
+    assert peaks[8] < peaks[0]
+    target_gb = (peaks[8] + peaks[0]) / 2 / 2**30
+    fitted = fit_memory_target(dataclasses.replace(cfg, memory_target_gb=target_gb), built, accelerator)
+    assert 8 <= fitted.grad_chunk < 64 and not fitted.grad_checkpointing
+    assert sampler.config.grad_chunk == fitted.grad_chunk and sampler.config.adv == 0.0
+    with pytest.raises(UserError, match="--memory-target-gb 1e-06: .* raise the target"):
+        fit_memory_target(dataclasses.replace(cfg, memory_target_gb=1e-6), built, accelerator)
+    assert sampler.config.grad_chunk == fitted.grad_chunk  # a failed fit leaves the sampler as it was

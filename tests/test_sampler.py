@@ -286,6 +286,63 @@ def test_non_finite_gradient_skips_only_that_sample(prior, teacher, view):
     assert torch.isfinite(images).all() and torch.isfinite(logits).all()
 
 
+# --- memory control: chunked latent gradients, activation checkpointing ------------------------------------------
+def guided_update(sampler, labels, seeds, student=None):
+    """A fresh batch after one guided step (z_t, last_terms, skipped), and the returned ε̂."""
+    batch = sampler.start(labels, seeds)
+    eps = sampler.guidance_step(batch, batch.scheduler.timesteps[0], student)
+    return batch, eps
+
+
+def test_chunked_latent_gradient_equals_the_whole_batch_for_per_sample_terms(prior, teacher, view):
+    """L_cls and L_adv are batch means: each chunk's gradient scaled by its own size moves every sample as the
+    whole-batch step does (chunks of 2, 2, 1 here)."""
+    labels, seeds = torch.tensor([0, 1, 2, 0, 1]), torch.arange(5)
+    student = tiny_teacher(seed=1)  # an eval-mode classifier standing in for the student of L_adv
+    whole, eps = guided_update(make_sampler(prior, teacher, view, adv=1.0), labels, seeds, student)
+    chunked, chunk_eps = guided_update(make_sampler(prior, teacher, view, adv=1.0, grad_chunk=2), labels, seeds,
+                                       student)
+    assert set(chunked.last_terms) == {"cls", "adv", "L_inv"}
+    torch.testing.assert_close(chunked.z, whole.z, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(chunk_eps, eps, atol=1e-5, rtol=1e-5)
+    for name, value in whole.last_terms.items():  # chunk-size-weighted means: the whole-batch values
+        torch.testing.assert_close(chunked.last_terms[name], value, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(whole.z, make_sampler(prior, teacher, view).start(labels, seeds).z)  # it moved
+
+
+def test_chunked_latent_gradient_with_the_bn_term_uses_chunk_statistics(prior, teacher, view):
+    labels, seeds = torch.tensor([0, 1, 2, 0, 1, 2]), torch.arange(6)
+    whole, _ = guided_update(make_sampler(prior, teacher, view, bn=1.0), labels, seeds)
+    chunked, _ = guided_update(make_sampler(prior, teacher, view, bn=1.0, grad_chunk=3), labels, seeds)
+    assert torch.isfinite(chunked.z).all() and int(chunked.skipped) == 0
+    assert chunked.last_terms["bn"] > 0 and torch.isfinite(chunked.last_terms["L_inv"])
+    assert not torch.allclose(chunked.z, whole.z, atol=1e-5)  # a different objective: each chunk's BN statistics
+    images, _, batch = make_sampler(prior, teacher, view, bn=1.0, grad_chunk=4).sample(labels, seeds)
+    assert torch.isfinite(images).all() and batch.done
+
+
+def test_gradient_checkpointing_gives_the_same_update_and_recomputes_the_unet(prior, teacher, view):
+    labels, seeds = torch.tensor([0, 1, 2]), torch.arange(3)
+    resnet = prior.unet.down_blocks[0].resnets[0]
+    calls = []
+    # a pre-hook: the recomputation stops early, once it has the tensors the backward pass needs
+    handle = resnet.register_forward_pre_hook(lambda *_: calls.append(torch.is_grad_enabled()))
+    try:
+        plain, eps = guided_update(make_sampler(prior, teacher, view, bn=0.1), labels, seeds)
+        plain_calls = len(calls)
+        calls.clear()
+        checkpointed, ckpt_eps = guided_update(make_sampler(prior, teacher, view, bn=0.1, grad_checkpointing=True),
+                                               labels, seeds)
+        assert prior.gradient_checkpointing and prior.unet.is_gradient_checkpointing
+    finally:
+        handle.remove()
+        prior.enable_gradient_checkpointing(False)
+    assert plain_calls == 1 and len(calls) == 2  # the block ran again during the backward pass
+    assert not prior.unet.is_gradient_checkpointing
+    torch.testing.assert_close(checkpointed.z, plain.z, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(ckpt_eps, eps, atol=1e-6, rtol=1e-6)
+
+
 # --- CutMix + seam repair inside the sampler ---------------------------------------------------------------------
 def test_cutmix_makes_soft_labels_and_repair_regenerates_only_the_band(prior, teacher, view):
     sampler = make_sampler(prior, teacher, view, steps=6, cutmix_every=2, repair_steps=2, repair_band=1)
@@ -415,3 +472,20 @@ def test_teacher_view_same_size_same_channels_is_identity_before_normalising():
     x.requires_grad_(True)
     view(x).sum().backward()  # differentiable: guidance needs it
     assert torch.equal(x.grad, torch.ones_like(x))
+
+
+@pytest.mark.parametrize("kind", ["sd", "dit"])
+def test_latent_priors_checkpoint_the_denoiser_and_the_vae_decoder(latent_priors, kind):
+    latent_prior, num_classes = latent_priors[kind]
+    sampler = GuidedSampler(latent_prior, tiny_teacher(num_classes), TeacherView(8, 1, MEAN, STD), num_classes,
+                            guidance(bn=0.1, steps=2))
+    labels, seeds = torch.arange(2), torch.tensor([1, 2])
+    plain, _ = guided_update(sampler, labels, seeds)
+    sampler.config.grad_checkpointing = True
+    try:
+        checkpointed, _ = guided_update(sampler, labels, seeds)
+        denoiser = getattr(latent_prior, latent_prior.checkpointable[0])
+        assert denoiser.is_gradient_checkpointing and latent_prior.vae.decoder.gradient_checkpointing
+    finally:
+        latent_prior.enable_gradient_checkpointing(False)
+    torch.testing.assert_close(checkpointed.z, plain.z, atol=1e-6, rtol=1e-6)
