@@ -4,7 +4,8 @@ import importlib
 
 import pytest
 
-NAMES = ["accuracy", "ablations", "frontier", "fidelity", "teacher_strength", "guidance", "throughput", "step_costs"]
+NAMES = ["accuracy", "ablations", "frontier", "fidelity", "teacher_strength", "guidance", "throughput", "step_costs",
+         "memory"]
 
 
 @pytest.mark.parametrize("name", NAMES)
