@@ -19,6 +19,7 @@ from pathlib import Path
 
 from benchmarks.common import RESULTS_DIR, run_metadata, write_results
 from benchmarks.engine_runs import budget_parser, run_engines, seed_rows
+from engine.config import RunConfig
 
 METHODS = {
     "real-kd": ["--method", "real-kd"],
@@ -34,9 +35,10 @@ def scratch_student(args, seed: int, out: Path, reuse: bool) -> dict:
     meta = out.with_suffix(".json")
     if not (reuse and meta.exists()):
         epochs = args.student_steps * 128 / args.images
-        subprocess.run([sys.executable, "-m", "engine.train_teacher", "--arch", "convnet-w16", "--dataset", "mnist",
-                        "--split", "train", "--limit", str(args.images), "--epochs", f"{epochs:.4f}",
-                        "--seed", str(seed), "--out", str(out)], check=True, stderr=subprocess.DEVNULL)
+        subprocess.run([sys.executable, "-m", "engine.train_teacher", "--arch", RunConfig().student,
+                        "--dataset", "mnist", "--split", "train", "--limit", str(args.images),
+                        "--epochs", f"{epochs:.4f}", "--seed", str(seed), "--out", str(out)],
+                       check=True, stderr=subprocess.DEVNULL)
     return {"student_acc": json.loads(meta.read_text())["test_accuracy"]}
 
 

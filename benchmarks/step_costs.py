@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     teacher.model.eval().requires_grad_(False)
     prior = load_prior(str(DEFAULT_PRIOR), info.class_names)
     view = TeacherView(28, 1, teacher.mean, teacher.std)
-    student = build_classifier("convnet-w16", 10, 1).eval()
+    student = build_classifier(RunConfig().student, 10, 1).eval()
     results: dict = {"threads": args.threads, "gen_batch": args.gen_batch, "guided_step_ms_per_image": {},
                      "kd_step_ms": {}}
     modes = {"unguided (CFG 2)": dict(bn=0, cls=0), "full": {}, "full + adv": dict(adv=1.0),
@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
                 "kl, cached teacher logits": dict(msarc=0.0, teacher_logits="cached")}
     for name, overrides in settings.items():
         cfg = RunConfig(**overrides)
-        trainee = build_classifier("convnet-w16", 10, 1)
+        trainee = build_classifier(RunConfig().student, 10, 1)
         optimizer = torch.optim.AdamW(trainee.parameters(), 1e-3)
         kd = WeightedSum({"kl": 1.0, "msarc": cfg.msarc}, name="L_kd")
         generator = torch.Generator().manual_seed(0)

@@ -2,9 +2,9 @@
 
     python -m benchmarks.teacher_strength --seeds 0 1 2 --epochs 0.05 0.2 1 4
 
-Teachers of one family (``--arch``, the default teacher's ``convnet2-w32``) at several strengths, taken as checkpoints of different training lengths
-(the weakest a few accuracy points below the strongest), each distilled into the same student by ``dmkd`` and by
-ours at one budget. Reports student accuracy against teacher accuracy.
+Teachers of one family (``--arch``, the default teacher's ``convnet2-w32``) at several strengths, taken as
+checkpoints of different training lengths (the weakest a few accuracy points below the strongest), each distilled
+into the same student by ``dmkd`` and by ours at one budget. Reports student accuracy against teacher accuracy.
 """
 
 from __future__ import annotations

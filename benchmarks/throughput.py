@@ -21,6 +21,7 @@ import time
 import torch
 
 from benchmarks.common import RESULTS_DIR, run_metadata, write_results
+from engine.config import RunConfig
 
 # Dense bf16 tensor-core peaks (FLOP/s) by device-name substring.
 PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12, "4090": 165e12}
@@ -97,9 +98,9 @@ def main(argv: list[str] | None = None) -> int:
         teacher = resolve_classifier("default", info).model.to(device).eval().requires_grad_(False)
         prior = load_prior(str(DEFAULT_PRIOR), info.class_names).to(device)
         view = TeacherView(28, 1, info.mean, info.std).to(device)
-        student = build_classifier("convnet-w16", 10, 1).to(device)
+        student = build_classifier(RunConfig().student, 10, 1).to(device)
         batch = args.batch or 50
-        world = "default world (28 px pixel DDPM 1.06M, convnet-w64 teacher, convnet-w16 student)"
+        world = "default world (28 px pixel DDPM 1.06M, convnet2-w32 teacher, convnet2-w16 student)"
     else:
         info = DatasetInfo("cifar10", tuple(f"class{i}" for i in range(10)), (0.5,) * 3, (0.25,) * 3, 32, 3)
         teacher = build_classifier("resnet34", 10, 3).to(device).eval().requires_grad_(False)

@@ -34,7 +34,7 @@ class RunConfig:
     # --- models and data -----------------------------------------------------------------------------------------
     teacher: str = opt("default", "pretrained name or checkpoint path")
     teacher_arch: str = opt("", "teacher architecture when the checkpoint has no JSON sidecar")
-    student: str = opt("convnet-w16", "student architecture (zoo name, tv:NAME or module:callable)")
+    student: str = opt("convnet2-w16", "student architecture (zoo name, tv:NAME or module:callable)")
     prior: str = opt("default", "diffusers folder or hub id of the prior ('default' = the committed digits DDPM)")
     dataset: str = opt("mnist", "the teacher's task; its real test split is used only to evaluate the student")
     data_root: str = opt("", "root folder of locally downloaded datasets (CIFAR, Tiny-ImageNet, DomainNet)")

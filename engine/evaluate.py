@@ -1,7 +1,7 @@
 """Measure a classifier on a real test split and print one JSON line.
 
     python -m engine.evaluate --teacher default --dataset mnist
-    python -m engine.evaluate --checkpoint runs/x/student.safetensors --arch convnet-w16 --dataset mnist
+    python -m engine.evaluate --checkpoint runs/x/student.safetensors --arch convnet2-w16 --dataset mnist
 """
 
 from __future__ import annotations

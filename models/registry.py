@@ -26,6 +26,7 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "convnet-w16": convnet(16),
     "convnet-w32": convnet(32),
     "convnet-w64": convnet(64),
+    "convnet2-w8": convnet(8, convs_per_stage=2),
     "convnet2-w16": convnet(16, convs_per_stage=2),
     "convnet2-w32": convnet(32, convs_per_stage=2),
     **RESNETS,
