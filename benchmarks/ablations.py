@@ -6,7 +6,7 @@
 from __future__ import annotations
 
 from benchmarks.common import RESULTS_DIR, run_metadata, write_results
-from benchmarks.engine_runs import budget_parser, run_engines, seed_rows
+from benchmarks.engine_runs import budget_flags, budget_parser, budget_record, run_engines, seed_rows
 
 VARIANTS = {
     "full": [],
@@ -25,9 +25,9 @@ def main(argv: list[str] | None = None) -> int:
                            out=RESULTS_DIR / "ablations.json")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     args = parser.parse_args(argv)
-    budget = ["--images", str(args.images), "--student-steps", str(args.student_steps)]
-    results = {"variants": {}, "budget": {"images": args.images, "student_steps": args.student_steps}}
-    jobs = [(name, [*VARIANTS[name], *budget, "--seed", str(s)], args.runs / f"{name}-s{s}")
+    budget = budget_flags(args)
+    results = {"variants": {}, "budget": budget_record(args)}
+    jobs = [(name, [*VARIANTS[name], "--seed", str(s), *budget], args.runs / f"{name}-s{s}")
             for name in args.variants for s in args.seeds]
     summaries = iter(run_engines(jobs, args.reuse, args.jobs))
     for name in args.variants:

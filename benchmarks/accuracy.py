@@ -11,14 +11,13 @@ kept under ``--runs`` so every number can be traced to its config.json and metri
 
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import sys
 from pathlib import Path
 
 from benchmarks.common import RESULTS_DIR, run_metadata, write_results
-from benchmarks.engine_runs import budget_parser, run_engines, seed_rows
+from benchmarks.engine_runs import budget_flags, budget_parser, budget_record, run_engines, seed_rows
 from engine.config import RunConfig
 
 METHODS = {
@@ -46,24 +45,23 @@ def main(argv: list[str] | None = None) -> int:
     parser = budget_parser(__doc__, images=2000, student_steps=2000, runs="runs/bench-accuracy",
                            out=RESULTS_DIR / "accuracy.json")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="flags passed to every engine run")
     args = parser.parse_args(argv)
 
     teacher = json.loads(subprocess.run([sys.executable, "-m", "engine.evaluate", "--teacher", "default",
                                          "--dataset", "mnist"], check=True, capture_output=True, text=True).stdout)
     results = {"teacher": {"accuracy": teacher["accuracy"]}, "methods": {}}
-    budget = ["--images", str(args.images), "--student-steps", str(args.student_steps)]
+    budget = budget_flags(args)
     rows = {"scratch-real": []}
     for seed in args.seeds:
         rows["scratch-real"].append(scratch_student(args, seed, args.runs / f"scratch-real-s{seed}", args.reuse))
-    jobs = [(name, [*METHODS[name], *budget, "--seed", str(seed), *args.extra], args.runs / f"{name}-s{seed}")
+    jobs = [(name, [*METHODS[name], "--seed", str(seed), *budget], args.runs / f"{name}-s{seed}")
             for name in args.methods for seed in args.seeds]
     summaries = iter(run_engines(jobs, args.reuse, args.jobs))
     for name in args.methods:
         rows[name] = [next(summaries) for _ in args.seeds]
     for name, runs in rows.items():
         results["methods"][name] = seed_rows(runs, args.seeds)
-    results["budget"] = {"images": args.images, "student_steps": args.student_steps, "extra_flags": args.extra}
+    results["budget"] = budget_record(args)
     write_results(results | run_metadata("benchmarks.accuracy", argv), args.out)
     for name, entry in results["methods"].items():
         s = entry["last_mean_std"]

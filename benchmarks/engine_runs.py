@@ -25,7 +25,18 @@ def budget_parser(doc: str, *, images: int, student_steps: int, runs: str, out: 
     parser.add_argument("--out", type=Path, default=out)
     parser.add_argument("--jobs", type=int, default=1,
                         help="engine runs at once; each gets cpu_count/jobs torch threads (CPU machines)")
+    parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[],
+                        help="flags passed to every engine run (last on the command line)")
     return parser
+
+
+def budget_flags(args) -> list[str]:
+    """The engine flags of the shared budget (``--extra`` included)."""
+    return ["--images", str(args.images), "--student-steps", str(args.student_steps), *args.extra]
+
+
+def budget_record(args) -> dict:
+    return {"images": args.images, "student_steps": args.student_steps, "extra_flags": args.extra}
 
 
 def run_engine(name: str, flags: list[str], run_dir: Path, reuse: bool = False, threads: int = 0) -> dict:

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import RESULTS_DIR, run_metadata, write_results
-from benchmarks.engine_runs import budget_parser, run_engine, seed_rows
+from benchmarks.engine_runs import budget_flags, budget_parser, budget_record, run_engines, seed_rows
 
 
 @torch.no_grad()
@@ -70,23 +70,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, nargs="+", default=[10, 25, 50])
     parser.add_argument("--methods", nargs="+", default=["dmkd", "diffdfkd"], choices=["dmkd", "diffdfkd"])
     args = parser.parse_args(argv)
-    budget = ["--images", str(args.images), "--student-steps", str(args.student_steps)]
     results = {"guidance_scales": args.scales, "sampler_steps": args.steps, "cells": {},
-               "budget": {"images": args.images, "student_steps": args.student_steps}}
-    for method in args.methods:
-        results["cells"][method] = {}
-        for n in args.steps:
-            for s in args.scales:
-                cell = f"s{s}-n{n}"
-                flags = ["--method", method, "--guidance-scale", str(s), "--sampler-steps", str(n), *budget]
-                runs = []
-                for i, seed in enumerate(args.seeds):
-                    export = ["--export"] if i == 0 else []
-                    runs.append(run_engine(f"{method} {cell}", [*flags, *export, "--seed", str(seed)],
-                                           args.runs / f"{method}-{cell}-s{seed}", args.reuse))
-                row = seed_rows(runs, args.seeds) | fidelity_proxies(args.runs / f"{method}-{cell}-s{args.seeds[0]}")
-                results["cells"][method][cell] = row
-                print(method, cell, json.dumps({k: row[k] for k in ("last_mean_std", "bn_distance")}), flush=True)
+               "budget": budget_record(args)}
+    cells = [(method, n, s) for method in args.methods for n in args.steps for s in args.scales]
+    jobs = []
+    for method, n, s in cells:
+        flags = ["--method", method, "--guidance-scale", str(s), "--sampler-steps", str(n)]
+        for i, seed in enumerate(args.seeds):  # the first seed's synthetic set is exported for the proxies
+            jobs.append((f"{method} s{s}-n{n}", [*flags, *(["--export"] if i == 0 else []), "--seed", str(seed),
+                                                 *budget_flags(args)], args.runs / f"{method}-s{s}-n{n}-s{seed}"))
+    summaries = iter(run_engines(jobs, args.reuse, args.jobs))
+    for method, n, s in cells:
+        cell = f"s{s}-n{n}"
+        row = seed_rows([next(summaries) for _ in args.seeds], args.seeds)
+        row |= fidelity_proxies(args.runs / f"{method}-{cell}-s{args.seeds[0]}")
+        results["cells"].setdefault(method, {})[cell] = row
+        print(method, cell, json.dumps({k: row[k] for k in ("last_mean_std", "bn_distance")}), flush=True)
     write_results(results | run_metadata("benchmarks.fidelity", argv), args.out)
     plot(results, args.out.with_suffix(".png"))
     return 0

@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from benchmarks.common import RESULTS_DIR, run_metadata, write_results
-from benchmarks.engine_runs import budget_parser, run_engines, seed_rows
+from benchmarks.engine_runs import budget_flags, budget_parser, budget_record, run_engines, seed_rows
 
 
 def points() -> dict[str, list[str]]:
@@ -60,9 +60,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = budget_parser(__doc__, images=2000, student_steps=2000, runs="runs/bench-frontier",
                            out=RESULTS_DIR / "frontier.json")
     args = parser.parse_args(argv)
-    budget = ["--images", str(args.images), "--student-steps", str(args.student_steps)]
-    results = {"points": {}, "budget": {"images": args.images, "student_steps": args.student_steps}}
-    jobs = [(name, [*flags, *budget, "--seed", str(s)], args.runs / f"{name}-s{s}")
+    budget = budget_flags(args)
+    results = {"points": {}, "budget": budget_record(args)}
+    jobs = [(name, [*flags, "--seed", str(s), *budget], args.runs / f"{name}-s{s}")
             for name, flags in points().items() for s in args.seeds]
     summaries = iter(run_engines(jobs, args.reuse, args.jobs))
     for name, flags in points().items():

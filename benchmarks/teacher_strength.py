@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from benchmarks.common import RESULTS_DIR, run_metadata, write_results
-from benchmarks.engine_runs import budget_parser, run_engines, seed_rows
+from benchmarks.engine_runs import budget_flags, budget_parser, budget_record, run_engines, seed_rows
 
 
 def train_teacher(arch: str, epochs: float, out: Path, reuse: bool) -> dict:
@@ -54,9 +54,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--arch", default="convnet2-w32", help="the teachers' family (the default teacher's)")
     parser.add_argument("--methods", nargs="+", default=["dmkd", "diffdfkd"], choices=["dmkd", "diffdfkd"])
     args = parser.parse_args(argv)
-    budget = ["--images", str(args.images), "--student-steps", str(args.student_steps)]
+    budget = budget_flags(args)
     results = {"teachers": {}, "students": {m: {} for m in args.methods},
-               "budget": {"images": args.images, "student_steps": args.student_steps}}
+               "budget": budget_record(args)}
     jobs = []
     for epochs in args.epochs:
         name = f"teacher-e{epochs:g}"
@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         meta = train_teacher(args.arch, epochs, path, args.reuse)
         results["teachers"][name] = {"arch": args.arch, "epochs": epochs, "test_accuracy": meta["test_accuracy"]}
         teacher = ["--teacher", str(path.with_suffix(".safetensors"))]
-        jobs += [(f"{method} {name}", ["--method", method, *teacher, *budget, "--seed", str(s)],
+        jobs += [(f"{method} {name}", ["--method", method, *teacher, "--seed", str(s), *budget],
                   args.runs / f"{method}-{name}-s{s}") for method in args.methods for s in args.seeds]
     summaries = iter(run_engines(jobs, args.reuse, args.jobs))
     for name in results["teachers"]:
