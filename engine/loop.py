@@ -91,6 +91,13 @@ def kd_rate(cfg: RunConfig, steps_per_batch: int, batches_left: int, steps_left:
     return steps_left / max(1, gen_ticks - first_training_tick)
 
 
+def cosine_schedule(optimizer: torch.optim.Optimizer, steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up over the first 2% of the steps, then cosine decay to zero at ``steps``."""
+    warmup = max(1, steps // 50)
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+
+
 def set_seed(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -134,10 +141,7 @@ def co_train(cfg: RunConfig, world: World, accelerator: Accelerator, outputs: Ru
                                     weight_decay=cfg.weight_decay)
     else:
         optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    warmup = max(1, cfg.student_steps // 50)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, cfg.student_steps)
-                                                                                / cfg.student_steps)))
+    schedule = cosine_schedule(optimizer, cfg.student_steps)
     student, optimizer = accelerator.prepare(student, optimizer)
     plain_student = accelerator.unwrap_model(student)
     # The generator reads a snapshot of the student, never the weights the optimizer is writing (engine/streams.py).
