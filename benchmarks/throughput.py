@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
+import json
 import time
 
 import torch
@@ -83,12 +85,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cpu-sized", action="store_true", help="the default world instead of SD-1.5 at 512 px")
     parser.add_argument("--batch", type=int, default=0, help="ours: micro-batch size (default 16 CUDA, 50 CPU)")
     parser.add_argument("--steps", type=int, default=10, help="sampler steps per image")
+    parser.add_argument("--train-steps", type=int, default=1, help="student steps per denoising step")
     parser.add_argument("--out", default=RESULTS_DIR / "throughput.json")
     args = parser.parse_args(argv)
 
+    from accelerate import Accelerator
+
     from engine.classifiers import DEFAULT_PRIOR, resolve_classifier
     from engine.datasets import DatasetInfo, dataset_info
+    from engine.loop import student_step
+    from engine.replay_buffer import ReplayBuffer
     from engine.sampler import GuidanceConfig, GuidedSampler, TeacherView
+    from engine.streams import StreamPair, copy_weights
+    from losses import WeightedSum
     from models.priors import load_prior
     from models.registry import build_classifier
 
@@ -112,43 +121,95 @@ def main(argv: list[str] | None = None) -> int:
 
     config = GuidanceConfig(steps=args.steps, adv=1.0)
     sampler = GuidedSampler(prior, teacher, view, info.num_classes, config)
-    autocast = (lambda: torch.autocast("cuda", torch.bfloat16)) if device.type == "cuda" else contextlib.nullcontext
+    cuda = device.type == "cuda"
 
-    def generate(n_images: int, micro: int, empty_cache: bool = False) -> None:
+    def precision(dtype):  # bf16 (ours) or fp16 (reference-style) autocast on CUDA; fp32 on CPU
+        return (lambda: torch.autocast("cuda", dtype)) if cuda else contextlib.nullcontext
+
+    # The training side: the engine's KD step on a replay buffer of random images, the student's batch 128.
+    accelerator = Accelerator(cpu=not cuda, mixed_precision="bf16" if cuda else "no")
+    buffer = ReplayBuffer(512, (view.channels, view.size, view.size), info.num_classes, device)
+    buffer.add(torch.rand(512, view.channels, view.size, view.size, device=device),
+               torch.randn(512, info.num_classes, device=device), torch.rand(512, info.num_classes, device=device),
+               torch.arange(512))
+    kd_cfg = RunConfig(batch_size=128)
+    optimizer = torch.optim.AdamW(student.parameters(), 1e-3)
+    kd_loss = WeightedSum({"kl": 1.0, "msarc": kd_cfg.msarc}, name="L_kd")
+    snapshot = copy.deepcopy(student).eval().requires_grad_(False)
+    batch_generator = torch.Generator().manual_seed(0)
+
+    def train_step() -> None:
+        student_step(kd_cfg, student, student, teacher, view, buffer, optimizer, accelerator, kd_loss,
+                     batch_generator)
+
+    def generate(n_images: int, micro: int, autocast, empty_cache: bool = False, train_every_step: int = 0,
+                 streams: StreamPair | None = None) -> None:
+        """Micro-batches one after another; ``train_every_step`` student steps after each denoising step,
+        on the train stream when ``streams`` is given (the loop's tick, engine/loop.py)."""
+        streams = streams or StreamPair(device, enabled=False)
         for first in range(0, n_images, micro):
             labels = torch.arange(first, first + micro) % info.num_classes
             gen_batch = sampler.start(labels, torch.arange(first, first + micro))
             while not gen_batch.done:
-                with autocast():
-                    sampler.step(gen_batch, student)
-                if empty_cache and device.type == "cuda":
-                    torch.cuda.empty_cache()
-            sampler.finish(gen_batch)
+                with streams.on("gen"):
+                    streams.wait("gen", "trained")
+                    copy_weights(snapshot, student)
+                    streams.record("snapshotted", "gen")
+                    with autocast():
+                        sampler.step(gen_batch, snapshot)
+                    if empty_cache and cuda:
+                        torch.cuda.empty_cache()
+                with streams.on("train"):
+                    streams.wait("train", "snapshotted")
+                    for _ in range(train_every_step):
+                        train_step()
+                    streams.record("trained", "train")
+            with streams.on("gen"):
+                sampler.finish(gen_batch)
+        streams.join()
 
-    results = {"world": world, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-               "steps": args.steps}
-    generate(2, 2)  # warm-up
-    n_ref = 2 if device.type == "cpu" else 4
-    t_ref = timed(lambda: generate(n_ref, 1, empty_cache=True), device)
-    results["reference_style"] = {"batch": 1, "images_per_s": n_ref / t_ref}
-    if device.type == "cuda":
+    results = {"world": world, "device": torch.cuda.get_device_name() if cuda else "cpu", "steps": args.steps,
+               "train_steps_per_denoising_step": args.train_steps}
+    generate(2, 2, precision(torch.bfloat16))  # warm-up
+    train_step()
+    n_ref = 2 if not cuda else 4
+    # (a) reference-style: batch 1, fp16, empty_cache every step; then the same share of training, no overlap.
+    ref = {"batch": 1, "precision": "fp16" if cuda else "fp32"}
+    ref["generation_s"] = timed(lambda: generate(n_ref, 1, precision(torch.float16), empty_cache=True), device)
+    ref_train_steps = max(1, round(args.train_steps * args.steps * n_ref / batch))
+    ref["training_s"] = timed(lambda: [train_step() for _ in range(ref_train_steps)], device)
+    ref["images_per_s"] = n_ref / (ref["generation_s"] + ref["training_s"])
+    ref["generation_images_per_s"] = n_ref / ref["generation_s"]
+    results["reference_style"] = ref
+    # (b) ours: batched, bf16, generation and training overlapped on two streams.
+    ours = {"batch": batch, "precision": "bf16" if cuda else "fp32", "streams": cuda}
+    if cuda:
         torch.cuda.reset_peak_memory_stats()
-    t_ours = timed(lambda: generate(batch * 2, batch), device)
-    results["ours"] = {"batch": batch, "images_per_s": 2 * batch / t_ours}
-    if device.type == "cuda":
-        results["ours"]["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
-    results["speedup"] = results["ours"]["images_per_s"] / results["reference_style"]["images_per_s"]
+    n_ours = 2 * batch
+    train_steps = args.train_steps * args.steps * 2
+    ours["generation_only_s"] = timed(lambda: generate(n_ours, batch, precision(torch.bfloat16)), device)
+    ours["training_only_s"] = timed(lambda: [train_step() for _ in range(train_steps)], device)
+    ours["online_s"] = timed(lambda: generate(n_ours, batch, precision(torch.bfloat16),
+                                              train_every_step=args.train_steps, streams=StreamPair(device)), device)
+    ours["images_per_s"] = n_ours / ours["online_s"]
+    ours["generation_images_per_s"] = n_ours / ours["generation_only_s"]
+    ours["overlap_efficiency"] = ours["online_s"] / max(ours["generation_only_s"], ours["training_only_s"])
+    if cuda:
+        ours["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
+    results["ours"] = ours
+    results["speedup_images_per_s"] = ours["images_per_s"] / ref["images_per_s"]
+    results["speedup_generation"] = ours["generation_images_per_s"] / ref["generation_images_per_s"]
 
     one = sampler.start(torch.arange(batch) % info.num_classes, torch.arange(batch))
-    with autocast():
-        flops = count_flops(lambda: sampler.step(one, student))
+    with precision(torch.bfloat16)():
+        flops = count_flops(lambda: sampler.step(one, snapshot))
     results["flops_per_image_step"] = flops / batch
-    achieved = flops / batch * results["ours"]["images_per_s"] * args.steps
-    results["achieved_tflops"] = achieved / 1e12
+    achieved = flops / batch * ours["generation_images_per_s"] * args.steps
+    results["achieved_tflops_generation"] = achieved / 1e12
     peak = next((v for k, v in PEAK_BF16.items() if k in results["device"]), None)
-    results["mfu"] = achieved / peak if peak else None
+    results["mfu_generation"] = achieved / peak if peak else None
     write_results(results | run_metadata("benchmarks.throughput", argv), args.out)
-    print({k: v for k, v in results.items() if k not in ("command", "machine")})
+    print(json.dumps({k: v for k, v in results.items() if k not in ("command", "machine")}, indent=1))
     return 0
 
 
