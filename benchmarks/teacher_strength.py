@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
                "budget": budget_record(args)}
     jobs = []
     for epochs in args.epochs:
-        name = f"teacher-e{epochs:g}"
+        name = f"teacher-e{epochs:g}".replace(".", "p")  # no dot: the checkpoint path gets a suffix
         path = args.runs / name
         meta = train_teacher(args.arch, epochs, path, args.reuse)
         results["teachers"][name] = {"arch": args.arch, "epochs": epochs, "test_accuracy": meta["test_accuracy"]}
