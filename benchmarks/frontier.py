@@ -59,13 +59,16 @@ def plot(results: dict, path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = budget_parser(__doc__, images=2000, student_steps=2000, runs="runs/bench-frontier",
                            out=RESULTS_DIR / "frontier.json")
+    parser.add_argument("--points", nargs="+", default=list(points()), choices=list(points()))
     args = parser.parse_args(argv)
     budget = budget_flags(args)
     results = {"points": {}, "budget": budget_record(args)}
     jobs = [(name, [*flags, "--seed", str(s), *budget], args.runs / f"{name}-s{s}")
-            for name, flags in points().items() for s in args.seeds]
+            for name, flags in points().items() if name in args.points for s in args.seeds]
     summaries = iter(run_engines(jobs, args.reuse, args.jobs))
     for name, flags in points().items():
+        if name not in args.points:
+            continue
         runs = [next(summaries) for _ in args.seeds]
         results["points"][name] = seed_rows(runs, args.seeds) | {
             "flags": flags, "unet_forwards_per_image": unet_forwards_per_image(flags)}
