@@ -1,6 +1,6 @@
 """Ablations of ours (online DiffDFKD) on the default world: each component off in turn, same budget and seeds.
 
-    python -m benchmarks.ablations --seeds 0 1 2 --images 2000 --student-steps 2000
+    python -m benchmarks.ablations --seeds 0 --images 300 --student-steps 300 --extra --sampler-steps 10
 """
 
 from __future__ import annotations

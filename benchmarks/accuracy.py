@@ -2,7 +2,7 @@
 same number of student steps; several seeds; mean ± std of the last-step accuracy (best-step reported beside it,
 never used for selection).
 
-    python -m benchmarks.accuracy --seeds 0 1 2 --images 2000 --student-steps 2000
+    python -m benchmarks.accuracy --seeds 0 1 2 --images 500 --student-steps 500 --extra --sampler-steps 10
 
 Rows: teacher; student from scratch on real data; real-data KD; DeepInversion; DM-KD; DiffDFKD offline; ours online.
 Each engine run is a subprocess ``python -m engine.run ...`` exactly as a user would type it; its run directory is

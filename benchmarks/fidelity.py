@@ -1,6 +1,6 @@
 """DM-KD's first finding, tested with and without teacher guidance: does lower fidelity teach better?
 
-    python -m benchmarks.fidelity --seeds 0 1 2 --images 1000 --student-steps 1000
+    python -m benchmarks.fidelity --seeds 0 1 2 --images 300 --student-steps 300 --scales 1 4 --steps 5 15
 
 A grid of classifier-free guidance scale × sampler steps, for ``--method dmkd`` (plain prior samples) and for ours,
 at one image budget and one student schedule. Per cell: student accuracy (mean ± std over seeds) and two fidelity

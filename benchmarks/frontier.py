@@ -1,7 +1,8 @@
 """Cost–accuracy frontier of the synthesis: student accuracy against synthesis compute for sampler steps
 (10/25/50), grad mode (full vs detached ε̂), and guidance on every step vs every m-th step.
 
-    python -m benchmarks.frontier --seeds 0 --images 1000 --student-steps 1000
+    python -m benchmarks.frontier --seeds 0 --images 300 --student-steps 300 \
+        --points steps10-full steps25-full steps25-detached steps25-every2 steps25-every5
 
 Compute is the run's wall time on this machine (the same machine for every point) and the UNet calls per image,
 counted from the config: full grad mode = forward + backward through the UNet (≈3 forwards) + 1 recomputed forward

@@ -1,6 +1,7 @@
 """DM-KD's second finding, tested with and without teacher guidance: are weaker teachers better teachers?
 
-    python -m benchmarks.teacher_strength --seeds 0 1 2 --epochs 0.05 0.2 1 4
+    python -m benchmarks.teacher_strength --seeds 0 1 2 --epochs 0.1 0.2 0.5 --images 300 --student-steps 300 \
+        --extra --sampler-steps 10
 
 Teachers of one family (``--arch``, the default teacher's ``convnet2-w32``) at several strengths, taken as
 checkpoints of different training lengths (the weakest a few accuracy points below the strongest), each distilled
@@ -50,7 +51,7 @@ def plot(results: dict, path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = budget_parser(__doc__, images=1000, student_steps=1000, runs="runs/bench-teacher-strength",
                            out=RESULTS_DIR / "teacher_strength.json")
-    parser.add_argument("--epochs", type=float, nargs="+", default=[0.05, 0.2, 1.0, 4.0])
+    parser.add_argument("--epochs", type=float, nargs="+", default=[0.1, 0.2, 0.5])
     parser.add_argument("--arch", default="convnet2-w32", help="the teachers' family (the default teacher's)")
     parser.add_argument("--methods", nargs="+", default=["dmkd", "diffdfkd"], choices=["dmkd", "diffdfkd"])
     args = parser.parse_args(argv)
