@@ -2,7 +2,7 @@
 (10/25/50), grad mode (full vs detached ε̂), and guidance on every step vs every m-th step.
 
     python -m benchmarks.frontier --seeds 0 --images 300 --student-steps 300 \
-        --points steps10-full steps25-full steps25-detached steps25-every2 steps25-every5
+        --points steps10-full steps25-full steps25-detached steps25-every5
 
 Compute is the run's wall time on this machine (the same machine for every point) and the UNet calls per image,
 counted from the config: full grad mode = forward + backward through the UNet (≈3 forwards) + 1 recomputed forward
