@@ -114,7 +114,8 @@ class RunOutputs:
     # --- final outputs --------------------------------------------------------------------------------------------
     def write_final(self, accelerator, student, buffer, info, summary: dict, arch: str = "", mean=(), std=(),
                     export: bool = False) -> None:
-        shards = gather_to_all(accelerator, buffer.state_dict() if export or self.is_main else None)
+        # Every rank's buffer, export or not: samples.png shows all of them (one gather at the end of the run).
+        shards = gather_to_all(accelerator, buffer.state_dict())
         if not self.is_main:
             return
         if len(shards) > 1:  # the samples grid and the export show every rank's images
