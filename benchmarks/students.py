@@ -42,14 +42,16 @@ def main(argv: list[str] | None = None) -> int:
 
     run_cfg = json.loads((args.run / "config.json").read_text())
     checkpoint = torch.load(args.run / "checkpoint.pt", map_location="cpu", weights_only=False)
+    fields = {f.name for f in dataclasses.fields(RunConfig)}
+    base = RunConfig(**{k: v for k, v in run_cfg.items() if k in fields})
     results = {"run": str(args.run), "steps": args.steps, "students": {}}
+    buffer = None
     for arch in args.students:
         set_seed(args.seed)
-        fields = {f.name for f in dataclasses.fields(RunConfig)}
-        cfg = RunConfig(**{k: v for k, v in run_cfg.items() if k in fields})
-        cfg = dataclasses.replace(cfg, method="real-kd", student=arch, student_steps=args.steps, resume=False)
+        cfg = dataclasses.replace(base, method="real-kd", student=arch, student_steps=args.steps, resume=False)
         world = build_world(cfg, torch.device("cpu"))  # real-kd: teacher, student and test set, no prior
-        buffer = ReplayBuffer.from_state_dicts([r["buffer"] for r in checkpoint["ranks"]], world.info.num_classes)
+        if buffer is None:  # the same images for every student (sampling reads it, never writes)
+            buffer = ReplayBuffer.from_state_dicts([r["buffer"] for r in checkpoint["ranks"]], world.info.num_classes)
         student = world.student
         optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         schedule = cosine_schedule(optimizer, cfg.student_steps)

@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from benchmarks.common import RESULTS_DIR, run_metadata, write_results
+from benchmarks.common import RESULTS_DIR, run_metadata, synchronize, write_results
 from engine.config import RunConfig
 
 # Dense bf16 tensor-core peaks (FLOP/s) by device-name substring.
@@ -64,11 +64,11 @@ def sd15_prior(device, dtype, class_names):
 
 
 def timed(fn, device) -> float:
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    sync()
+    """Seconds ``fn()`` takes, bracketed by device syncs."""
+    synchronize(device)
     start = time.perf_counter()
     fn()
-    sync()
+    synchronize(device)
     return time.perf_counter() - start
 
 
