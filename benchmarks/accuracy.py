@@ -44,20 +44,23 @@ def scratch_student(args, seed: int, out: Path, reuse: bool) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = budget_parser(__doc__, images=2000, student_steps=2000, runs="runs/bench-accuracy",
                            out=RESULTS_DIR / "accuracy.json")
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--methods", nargs="+", default=["scratch-real", *METHODS],
+                        choices=["scratch-real", *METHODS])
     args = parser.parse_args(argv)
 
     teacher = json.loads(subprocess.run([sys.executable, "-m", "engine.evaluate", "--teacher", "default",
                                          "--dataset", "mnist"], check=True, capture_output=True, text=True).stdout)
     results = {"teacher": {"accuracy": teacher["accuracy"]}, "methods": {}}
     budget = budget_flags(args)
-    rows = {"scratch-real": []}
-    for seed in args.seeds:
-        rows["scratch-real"].append(scratch_student(args, seed, args.runs / f"scratch-real-s{seed}", args.reuse))
+    engine_methods = [name for name in args.methods if name in METHODS]
+    rows = {}
+    if "scratch-real" in args.methods:
+        rows["scratch-real"] = [scratch_student(args, seed, args.runs / f"scratch-real-s{seed}", args.reuse)
+                                for seed in args.seeds]
     jobs = [(name, [*METHODS[name], "--seed", str(seed), *budget], args.runs / f"{name}-s{seed}")
-            for name in args.methods for seed in args.seeds]
+            for name in engine_methods for seed in args.seeds]
     summaries = iter(run_engines(jobs, args.reuse, args.jobs))
-    for name in args.methods:
+    for name in engine_methods:
         rows[name] = [next(summaries) for _ in args.seeds]
     for name, runs in rows.items():
         results["methods"][name] = seed_rows(runs, args.seeds)
