@@ -2,7 +2,9 @@
 same number of student steps; several seeds; mean ± std of the last-step accuracy (best-step reported beside it,
 never used for selection).
 
-    python -m benchmarks.accuracy --seeds 0 1 2 --images 500 --student-steps 500 --extra --sampler-steps 10
+    python -m benchmarks.accuracy --runs runs/bench-accuracy-default            # the default budget (headline)
+    python -m benchmarks.accuracy --images 500 --student-steps 500 --out benchmarks/results/accuracy_500.json \
+        --extra --sampler-steps 10                                               # a 5x cheaper budget
 
 Rows: teacher; student from scratch on real data; real-data KD; DeepInversion; DM-KD; DiffDFKD offline; ours online.
 Each engine run is a subprocess ``python -m engine.run ...`` exactly as a user would type it; its run directory is
