@@ -4,7 +4,7 @@ never used for selection).
 
     python -m benchmarks.accuracy --runs runs/bench-accuracy-default            # the default budget (headline)
     python -m benchmarks.accuracy --images 500 --student-steps 500 --out benchmarks/results/accuracy_500.json \
-        --extra --sampler-steps 10                                               # a 5x cheaper budget
+        --extra --sampler-steps 10                                               # a 4x smaller budget
 
 Rows: teacher; student from scratch on real data; real-data KD; DeepInversion; DM-KD; DiffDFKD offline; ours online.
 Each engine run is a subprocess ``python -m engine.run ...`` exactly as a user would type it; its run directory is
