@@ -96,10 +96,12 @@ def straight_through_clamp(x: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class SeamRepair:
-    """Inpainting state after a CutMix: the ``band`` is regenerated, everything else follows the mixed content,
-    re-noised to each new level from its (ẑ0, ε) pair: z_known(t) = sqrt(ᾱ_t)·ẑ0 + sqrt(1 − ᾱ_t)·ε."""
+    """Inpainting state after a CutMix: in a mixed sample the seam ``band`` is regenerated and everything else is
+    held to the mixed content, re-noised to each new level from its (ẑ0, ε) pair:
+    z_known(t) = sqrt(ᾱ_t)·ẑ0 + sqrt(1 − ᾱ_t)·ε. A sample that was not mixed has no seam and is not held at all:
+    ``free`` (band ∪ un-mixed samples) is where the sampler's own update survives."""
 
-    band: torch.Tensor  # (B, 1, H, W) bool
+    free: torch.Tensor  # (B, 1, H, W) bool
     z0: torch.Tensor
     eps: torch.Tensor
     steps_left: int
@@ -207,6 +209,8 @@ class GuidedSampler:
             for name, value in terms.items():
                 sums[name] = sums.get(name, 0.0) + value * (part.stop - part.start)
         step = torch.cat(steps) if len(steps) > 1 else steps[0]
+        if batch.repair is not None:  # a held region is overwritten after this step: do not move it
+            step = step * batch.repair.free
         if cfg.max_step_rms > 0:  # at high noise ∂ẑ0/∂z_t ~ 1/sqrt(ᾱ_t): cap a sample's move, keep its direction
             rms = step.flatten(1).pow(2).mean(1).sqrt()
             step = step * (cfg.max_step_rms / rms.clamp_min(cfg.max_step_rms))[:, None, None, None]
@@ -229,7 +233,7 @@ class GuidedSampler:
                 eps = self.prior.predict_noise(model_input, t, cond, cfg.guidance_scale)
         a = alpha_bar(batch.scheduler, t)
         z0 = (z - (1 - a).sqrt() * eps) / a.sqrt()
-        x = self.view(straight_through_clamp(self.prior.decode(z0)))
+        x = self.view(straight_through_clamp(self.prior.decode_for_guidance(z0)))
         active = self.weighted.active
         if "bn" in active:  # hooks live for this one forward only (a BNStatHooks is spent once its block exits)
             with BNStatHooks(self.teacher, first_multiplier=cfg.first_bn_multiplier) as bn_hooks:
@@ -272,7 +276,7 @@ class GuidedSampler:
 
         if batch.repair is not None:  # hold everything outside the band to the mixed content at the new level
             known = a_prev.sqrt() * batch.repair.z0 + (1 - a_prev).sqrt() * batch.repair.eps
-            batch.z = torch.where(batch.repair.band, batch.z, known)
+            batch.z = torch.where(batch.repair.free, batch.z, known)
             batch.repair.steps_left -= 1
             if batch.repair.steps_left <= 0:
                 batch.repair = None
@@ -294,8 +298,9 @@ class GuidedSampler:
         batch.z = apply_cutmix(batch.z, mix)
         batch.label_weights = mix_labels(batch.label_weights, mix)
         if cfg.repair_steps > 0:
-            band = seam_band(mix.box, cfg.repair_band)
-            batch.repair = SeamRepair(band, apply_cutmix(z0, mix), apply_cutmix(eps_implied, mix), cfg.repair_steps)
+            mixed = mix.box.flatten(1).any(1)[:, None, None, None]  # (B, 1, 1, 1); misses of cutmix_prob are not
+            free = seam_band(mix.box, cfg.repair_band) | ~mixed
+            batch.repair = SeamRepair(free, apply_cutmix(z0, mix), apply_cutmix(eps_implied, mix), cfg.repair_steps)
 
     # 6. Decode ----------------------------------------------------------------------------------------------------
     @torch.no_grad()

@@ -69,8 +69,9 @@ class PriorLoadError(ValueError):
 class Cond:
     """Per-sample conditioning of one batch: what the model needs for both classifier-free guidance branches.
 
-    ``uncond`` is the unconditional branch (null class ids ``(B,)`` or empty-prompt embeddings ``(B, L, D)``); in
-    class-free mode it is the only branch (for SD: the fixed prompt). ``cond`` is the class branch, or ``None``.
+    ``uncond`` is the unconditional branch (null class ids ``(B,)`` or empty-prompt embeddings ``(B, L, D)``).
+    ``cond`` is the conditional branch (the class, or SD's fixed class-free prompt), or ``None`` for an unconditional
+    prior, which then makes a single call.
     """
 
     uncond: torch.Tensor
@@ -177,6 +178,10 @@ class DiffusionPrior(nn.Module):
         """Images in [0, 1] -> ``z0`` (deterministic: the VAE posterior mean)."""
         raise NotImplementedError
 
+    def decode_for_guidance(self, z0: torch.Tensor) -> torch.Tensor:
+        """The decoder of x̂0 inside the guided step: ``decode`` unless a cheaper guidance decoder is set."""
+        return self.decode(z0)
+
     # -- the shared path ---------------------------------------------------------------------------------------------
     @property
     def device(self) -> torch.device:
@@ -221,8 +226,12 @@ class DiffusionPrior(nn.Module):
         if len(class_ids) and (int(class_ids.min()) < 0 or int(class_ids.max()) >= self.num_classes):
             raise ValueError(f"class ids must lie in [0, {self.num_classes}), got {class_ids.tolist()}")
         if not self.class_conditional:
-            return Cond(self._null_condition(len(class_ids)))
+            return Cond(self._null_condition(len(class_ids)), self._fixed_condition(len(class_ids)))
         return Cond(self._null_condition(len(class_ids)), self._class_condition(class_ids))
+
+    def _fixed_condition(self, batch_size: int) -> torch.Tensor | None:
+        """The class-free conditional branch (one condition for every sample), or None: no CFG is possible."""
+        return None
 
     def predict_noise(
         self, z: torch.Tensor, t: int | float | torch.Tensor, cond: Cond, guidance_scale: float = 1.0
@@ -230,7 +239,7 @@ class DiffusionPrior(nn.Module):
         """ε̂(z_t, t) with classifier-free guidance ε̂ = ε̂_u + s·(ε̂_c − ε̂_u), differentiable w.r.t. ``z``.
 
         One network call: on ``[uncond; cond]`` (batch 2B) when the batch is conditional and ``s != 1``, on the
-        class branch alone when ``s == 1``, on the unconditional / fixed-prompt branch for a class-free ``cond``.
+        conditional branch alone when ``s == 1``, on the single branch of an unconditional prior's ``cond``.
         """
         if len(cond) != z.shape[0]:
             raise ValueError(f"cond holds {len(cond)} samples, z holds {z.shape[0]}")
@@ -312,10 +321,28 @@ class LatentDiffusionPrior(DiffusionPrior):
         self.vae = _frozen(vae)
         self.scaling_factor = float(vae.config.scaling_factor)
         self.shift_factor = float(getattr(vae.config, "shift_factor", None) or 0.0)
+        self.guidance_decoder = None
 
     def decode(self, z0: torch.Tensor) -> torch.Tensor:
         z = z0.to(self.vae.dtype) / self.scaling_factor + self.shift_factor
         return (self.vae.decode(z).sample.to(z0.dtype) + 1) / 2
+
+    def set_guidance_decoder(self, decoder: nn.Module | None) -> None:
+        """A cheap stand-in for the VAE decoder inside the guided step only: diffusers' ``AutoencoderTiny`` (TAESD).
+        At 512 px the full decoder is ≈ 2.5 TFLOP per image forward, TAESD's ≈ 0.14 (benchmarks/flops.py), and
+        the teacher sees x̂0 resized to its own 32 px anyway. Final images still come from ``decode``."""
+        if decoder is not None and decoder.config.latent_channels != self.latent_shape[0]:
+            raise PriorLoadError(f"the guidance decoder takes {decoder.config.latent_channels}-channel latents, the "
+                                 f"prior makes {self.latent_shape[0]}; use a TAESD trained for this prior's VAE")
+        self.guidance_decoder = None if decoder is None else _frozen(decoder)
+
+    def decode_for_guidance(self, z0: torch.Tensor) -> torch.Tensor:
+        if self.guidance_decoder is None:
+            return self.decode(z0)
+        # TAESD decodes the diffusion latents themselves (its scaling_factor is 1) to [-1, 1].
+        tiny = self.guidance_decoder
+        z = z0.to(tiny.dtype) / float(tiny.config.scaling_factor)
+        return (tiny.decode(z).sample.to(z0.dtype) + 1) / 2
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         mean = self.vae.encode((images * 2 - 1).to(self.vae.dtype)).latent_dist.mean
@@ -334,8 +361,9 @@ class StableDiffusionPrior(LatentDiffusionPrior):
     """Stable Diffusion 1.x/2.x. Prompt embeddings are computed once here; the text encoder is not kept.
 
     Class mode: prompt ``prompt_template.format(name)`` per class (underscores in names become spaces), the empty
-    prompt as the unconditional branch. Class-free mode (``class_free_prompt``): every sample gets that one prompt and
-    ``predict_noise`` makes a single call on it (DiffDFKD's DomainNet runs); ``class_conditional`` is then False.
+    prompt as the unconditional branch. Class-free mode (``class_free_prompt``): every sample gets that one prompt,
+    still guided against the empty prompt with scale ``s`` (DiffDFKD's DomainNet runs); ``class_conditional`` is then
+    False (the prompt carries no class).
     """
 
     kind = "sd"
@@ -371,14 +399,17 @@ class StableDiffusionPrior(LatentDiffusionPrior):
             self.prompts = tuple(prompt_template.format(name.replace("_", " ")) for name in class_names)
         else:
             self.prompts = (class_free_prompt,)
-        # The null branch is the empty prompt; in class-free mode the "unconditional" branch is the fixed prompt.
+        # The unconditional branch is the empty prompt, in class mode and in class-free mode alike.
         embeddings = encode_prompts(text_encoder, tokenizer, ["", *self.prompts]).to(self.dtype)  # (1 + P, L, D)
         self.register_buffer("null_embedding", embeddings[:1], persistent=False)  # (1, L, D)
         self.register_buffer("class_embeddings", embeddings[1:], persistent=False)  # (P, L, D)
 
     def _null_condition(self, batch_size: int) -> torch.Tensor:
-        table = self.null_embedding if self.class_conditional else self.class_embeddings
-        return table.expand(batch_size, -1, -1)  # a view: the sampler selects/concatenates, which copies
+        return self.null_embedding.expand(batch_size, -1, -1)  # a view: the sampler selects/concatenates, which copies
+
+    def _fixed_condition(self, batch_size: int) -> torch.Tensor | None:
+        # Class-free mode guides between the fixed prompt and the empty prompt, like the SD pipeline does.
+        return None if self.class_conditional else self.class_embeddings.expand(batch_size, -1, -1)
 
     def _class_condition(self, class_ids: torch.Tensor) -> torch.Tensor:
         return self.class_embeddings[class_ids]
@@ -456,6 +487,7 @@ def load_prior(
     local_files_only: bool | None = None,
     image_size: int | None = None,
     device: torch.device | str = "cpu",
+    guidance_decoder: str | os.PathLike | None = None,
 ) -> DiffusionPrior:
     """Load a prior from a local diffusers folder or a hub id, its kind detected (``detect_prior_kind``).
 
@@ -463,7 +495,10 @@ def load_prior(
     priors when the folder names them). ``class_map``: teacher class (index or name) -> prior class id (or label), a
     dict or a list; required for pixel/DiT priors whose classes are not the teacher's. ``scheduler``: a short name
     (``SCHEDULERS``) or a diffusers scheduler class name, built from the saved scheduler config. ``local_files_only``
-    defaults to ``HF_HUB_OFFLINE`` read at call time. ``image_size`` overrides the resolution the prior samples at.
+    defaults to ``HF_HUB_OFFLINE`` read at call time. ``image_size`` overrides the resolution the prior samples at
+    (a warning when below the one it was trained at). ``guidance_decoder``: a folder or hub id of a diffusers
+    ``AutoencoderTiny`` (TAESD) for x̂0 inside the guided step of a latent prior (``set_guidance_decoder``).
+    ``torch_dtype`` applies to every network, the text encoder and the guidance decoder included.
     """
     from diffusers import DDPMScheduler
 
@@ -497,8 +532,8 @@ def load_prior(
         unet = _from_pretrained(UNet2DConditionModel.from_pretrained, source, "unet", **weights)
         vae = _from_pretrained(AutoencoderKL.from_pretrained, source, "vae", **weights)
         tokenizer = _from_pretrained(CLIPTokenizer.from_pretrained, source, "tokenizer", **hub)
-        # The text encoder runs once here, in float32, and is not kept: prompts are fixed per class.
-        text_encoder = _frozen(_from_pretrained(CLIPTextModel.from_pretrained, source, "text_encoder", **hub))
+        # The text encoder runs once here, in torch_dtype, and is not kept: prompts are fixed per class.
+        text_encoder = _frozen(_from_pretrained(CLIPTextModel.from_pretrained, source, "text_encoder", **weights))
         prior = StableDiffusionPrior(unet, vae, text_encoder.to(device), tokenizer, noise_scheduler, class_names,
                                      prompt_template, class_free_prompt, image_size, prediction_type)
         del text_encoder
@@ -513,11 +548,44 @@ def load_prior(
     if class_free_prompt is not None and kind != "sd":
         log.warning("class_free_prompt only applies to Stable Diffusion priors; ignored for a %s prior", kind)
     prior.source = str(spec)
+    denoiser = prior.transformer if kind == "dit" else prior.unet
+    factor = vae_scale_factor(prior.vae) if prior.is_latent else 1
+    native = _square(denoiser.config.sample_size, "sample_size") * factor
+    if image_size is not None and image_size < native:
+        log.warning("sampling the %s prior at %d px, below the %d px it was trained at: its images may degrade "
+                    "(fewer details, broken layouts)", kind, image_size, native)
+    if guidance_decoder is not None:
+        if not prior.is_latent:
+            raise PriorLoadError("a guidance decoder applies to latent priors (SD, DiT); a pixel prior has no decoder")
+        prior.set_guidance_decoder(load_guidance_decoder(guidance_decoder, torch_dtype, local_files_only))
     prior.to(device=device, dtype=torch_dtype)
     prior.requires_grad_(False).eval()
     log.info("loaded %s prior from %s: latent %s, images %dx%dx%d, scheduler %s", kind, spec, prior.latent_shape,
              prior.image_channels, prior.image_size, prior.image_size, type(noise_scheduler).__name__)
     return prior
+
+
+def load_guidance_decoder(
+    spec: str | os.PathLike, torch_dtype: torch.dtype = torch.float32, local_files_only: bool = False
+) -> nn.Module:
+    """A diffusers ``AutoencoderTiny`` (TAESD; the hub's ``madebyollin/taesd`` fits SD 1.x/2.x and DiT latents) from
+    a folder (its config.json at the top or in ``vae/``) or a hub id."""
+    from diffusers import AutoencoderTiny
+
+    try:
+        source = _resolve_source(spec)
+    except PriorLoadError:
+        raise PriorLoadError(f"guidance decoder {spec}: not a folder or hub id of an AutoencoderTiny") from None
+    top = not isinstance(source, Path) or (source / "config.json").is_file() or not (source / "vae").is_dir()
+    try:
+        return AutoencoderTiny.from_pretrained(str(source), subfolder=None if top else "vae", torch_dtype=torch_dtype,
+                                               local_files_only=local_files_only)
+    except Exception as err:  # hub, file and config errors come in many types
+        if isinstance(source, str):
+            raise _hub_error(source, err) from err
+        reason = (str(err).strip().splitlines() or [""])[0][:200]
+        raise PriorLoadError(f"cannot load the guidance decoder (AutoencoderTiny) from {source}: "
+                             f"{type(err).__name__}: {reason}") from err
 
 
 def build_scheduler(name: str, config: Mapping[str, Any]) -> Any:

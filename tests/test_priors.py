@@ -172,17 +172,22 @@ def test_sd_prompt_embeddings_and_text_encoder_freed(folders, priors):
     torch.testing.assert_close(cond.cond[0], expected[1])
 
 
-def test_sd_class_free_prompt_is_a_single_branch(folders):
+def test_sd_class_free_prompt_is_guided_against_the_empty_prompt(folders):
     prior = load_prior(folders["sd"], SD_NAMES, class_free_prompt="a photo")
     assert not prior.class_conditional and prior.prompts == ("a photo",)
     cond = prior.condition(torch.tensor([0, 1]))
-    assert not cond.is_conditional
-    torch.testing.assert_close(cond.uncond[0], cond.uncond[1])
+    assert cond.is_conditional
+    torch.testing.assert_close(cond.cond[0], cond.cond[1])  # one prompt for every class
+    torch.testing.assert_close(cond.uncond, prior.condition(None, batch_size=2).uncond)  # the empty prompt
     z = torch.randn(2, *prior.latent_shape)
+    t = torch.tensor([400, 400])
     with torch.no_grad():
-        direct = prior.unet(z, torch.tensor([400, 400]), encoder_hidden_states=cond.uncond).sample
-        torch.testing.assert_close(prior.predict_noise(z, 400, cond, guidance_scale=7.5), direct)
-        torch.testing.assert_close(prior.predict_noise(z, 400, cond, guidance_scale=1.0), direct)
+        fixed = prior.unet(z, t, encoder_hidden_states=cond.cond).sample
+        empty = prior.unet(z, t, encoder_hidden_states=cond.uncond).sample
+        guided = prior.predict_noise(z, 400, cond, guidance_scale=7.5)
+        torch.testing.assert_close(guided, empty + 7.5 * (fixed - empty))
+        torch.testing.assert_close(prior.predict_noise(z, 400, cond, guidance_scale=1.0), fixed)
+    assert not torch.allclose(fixed, empty)  # otherwise the test could not tell s=7.5 from s=1
 
 
 def test_dit_class_map_required_and_used(tmp_path, folders):

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from augment.latent_cutmix import latent_cutmix
 from engine.sampler import GuidanceConfig, GuidedSampler, TeacherView, straight_through_clamp
 from losses import BNStatHooks
 from models.priors import load_prior
@@ -155,8 +156,8 @@ def test_bn_term_is_live_on_every_guided_step(prior, teacher, view):
 # A seeded guided run with everything on (full gradients, α·BN + β·CE, CutMix every 2 steps with 2 repair steps).
 # Regenerate after an intended change to the sampler, the tiny priors or diffusers' init: run this test with
 # GOLDEN_PRINT=1 and `-s`, check the samples still look sane, and paste the printed numbers here.
-GOLDEN_SUM = 122.76759338378906
-GOLDEN_FIRST = [0.48506489396095276, 0.9288085699081421, 0.7711489200592041, 0.829471230506897, 0.7039753198623657,
+GOLDEN_SUM = 122.77068328857422
+GOLDEN_FIRST = [0.48568660020828247, 0.9269245266914368, 0.7711244821548462, 0.8296530246734619, 0.7037736177444458,
                 1.0]
 
 
@@ -356,7 +357,7 @@ def test_cutmix_makes_soft_labels_and_repair_regenerates_only_the_band(prior, te
     weights = batch.label_weights
     assert torch.allclose(weights.sum(1), torch.ones(6))
     assert (weights.max(1).values < 1).any()  # some samples now carry two classes
-    band = batch.repair.band
+    band = batch.repair.free
     assert band.any()
 
     for i in (2, 3):  # the two repair steps
@@ -373,6 +374,30 @@ def test_cutmix_makes_soft_labels_and_repair_regenerates_only_the_band(prior, te
     sampler.step(batch)
     sampler.step(batch)
     assert batch.done and torch.isfinite(batch.z).all()
+
+
+def test_repair_leaves_samples_that_were_not_mixed_on_their_own_trajectory(prior, teacher, view, monkeypatch):
+    """With cutmix_prob < 1 a sample that misses the draw has no seam: it must follow exactly the trajectory it
+    has without CutMix (per-sample guidance only, so its batch mates cannot move it), guided step included."""
+    import engine.sampler as sampler_module
+
+    boxes = []
+
+    def recording_cutmix(*args, **kwargs):
+        mix = latent_cutmix(*args, **kwargs)
+        boxes.append(mix.box.flatten(1).any(1))
+        return mix
+
+    monkeypatch.setattr(sampler_module, "latent_cutmix", recording_cutmix)
+    labels, seeds = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1]), torch.arange(30, 38)
+    mixing = dict(steps=6, cutmix_every=2, cutmix_prob=0.5, repair_steps=2, repair_band=1)
+    _, _, mixed_batch = make_sampler(prior, teacher, view, **mixing).sample(labels, seeds)
+    _, _, plain_batch = make_sampler(prior, teacher, view, steps=6).sample(labels, seeds)
+    assert len(boxes) == 1  # CutMix after step 2 only: the next event would leave under r steps to repair
+    untouched = ~boxes[0]  # received no box
+    assert 0 < int(untouched.sum()) < len(labels)  # the draw mixed some samples and spared others
+    torch.testing.assert_close(mixed_batch.z[untouched], plain_batch.z[untouched], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(mixed_batch.z[~untouched], plain_batch.z[~untouched], atol=1e-3)
 
 
 def test_cutmix_right_after_the_mix_reproduces_the_mixed_latent(prior, teacher, view):
