@@ -187,13 +187,15 @@ class GuidedSampler:
 
         Memory. The graph of one step (UNet on 2B inputs for CFG, decoder, teacher, student) is what peaks, so
         ``grad_chunk = c`` runs forward + backward on chunks of c samples one after another and concatenates their
-        latent gradients: peak activation memory scales with c, not B. Each chunk's step is scaled by its own size,
-        z_i ← z_i − η·c·∇_{z_i} L_inv(chunk), so for the per-sample terms (L_cls, L_adv: batch means, and the
-        teacher, student and prior act per sample in eval mode) every sample moves exactly as in one whole-batch
-        step (η·B·∇ of a B-mean is η·∂ℓ_i/∂z_i either way). L_bn is not per sample: it compares the *chunk's* BN
-        statistics with the running ones, so with chunks it steers each chunk's statistics, a different (noisier,
-        for small c) objective than the micro-batch's. ``last_terms`` are the chunk-size-weighted means (for the
-        per-sample terms: the whole-batch values). ``grad_checkpointing`` makes the prior keep only block inputs
+        latent gradients: peak activation memory scales with c, not B. Each chunk's step is scaled by its own size, z_i
+        ← z_i − η·c·∇_{z_i} L_inv(chunk), so for the per-sample terms (L_cls, L_adv: batch means, and the teacher,
+        student and prior act per sample in eval mode) every sample moves exactly as in one whole-batch step (η·B·∇ of
+        a B-mean is η·∂ℓ_i/∂z_i either way). The same factor keeps L_bn's per-sample pull batch-size invariant: its
+        batch statistics are means over the B samples, so ∂L_bn/∂z_i is O(1/B) and η·B·∂L_bn/∂z_i is O(1) (``python -m
+        benchmarks.bn_batch_scaling``: the same RMS step at B = 8 … 100). But L_bn is not per sample: it compares the
+        *chunk's* BN statistics with the running ones, so with chunks it steers each chunk's statistics, a different
+        (noisier, for small c) objective than the micro-batch's. ``last_terms`` are the chunk-size-weighted means (for
+        the per-sample terms: the whole-batch values). ``grad_checkpointing`` makes the prior keep only block inputs
         and recompute the rest during the backward pass (about one more UNet/decoder forward per guided step).
         """
         cfg = self.config

@@ -311,6 +311,18 @@ def test_chunked_latent_gradient_equals_the_whole_batch_for_per_sample_terms(pri
     assert not torch.allclose(whole.z, make_sampler(prior, teacher, view).start(labels, seeds).z)  # it moved
 
 
+def test_bn_step_of_each_sample_does_not_depend_on_the_batch_size(prior, teacher, view):
+    """L_bn is a batch statistic: a batch and the same batch twice have identical BN statistics, and each sample's
+    latent step must be identical too (η·B·∂L_bn/∂z_i is O(1); without the B factor it would halve here)."""
+    labels, seeds = torch.tensor([0, 1, 2, 0]), torch.arange(4)
+    start = make_sampler(prior, teacher, view).start(labels, seeds).z
+    once, _ = guided_update(make_sampler(prior, teacher, view, bn=1.0, cls=0.0), labels, seeds)
+    twice, _ = guided_update(make_sampler(prior, teacher, view, bn=1.0, cls=0.0), labels.repeat(2), seeds.repeat(2))
+    torch.testing.assert_close(twice.last_terms["bn"], once.last_terms["bn"], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(twice.z[:4] - start, once.z - start, atol=1e-6, rtol=1e-4)
+    assert (once.z - start).abs().max() > 1e-4  # it moved
+
+
 def test_chunked_latent_gradient_with_the_bn_term_uses_chunk_statistics(prior, teacher, view):
     labels, seeds = torch.tensor([0, 1, 2, 0, 1, 2]), torch.arange(6)
     whole, _ = guided_update(make_sampler(prior, teacher, view, bn=1.0), labels, seeds)
