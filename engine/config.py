@@ -5,16 +5,25 @@ from it (``--field-name``; booleans that default to on become ``--no-NAME``). Un
 from __future__ import annotations
 
 import argparse
+import ast
 import dataclasses
 import json
+import math
+import re
 import typing
 from dataclasses import dataclass, field
 from typing import Literal
 
 from engine.errors import UserError
+from models.priors import SCHEDULERS
 
 Method = Literal["diffdfkd", "dmkd", "deepinv", "real-kd"]
 Schedule = Literal["online", "offline"]
+# Sample seeds are seed·10⁷ + image index (engine/loop.py micro_batch), and the sampler seeds each micro-batch's
+# generator with about 10⁶ times its first sample seed: both must stay within torch's 64-bit seed range (< 2⁶⁴), and
+# the image index below 10⁷ so that two seeds never share a sample.
+MAX_SEED = 999_999
+MAX_IMAGES = 10_000_000
 
 
 def opt(default, help: str, flag: str | None = None):
@@ -41,14 +50,21 @@ class RunConfig:
     class_map: str = opt("", "JSON list/dict teacher class -> prior class id (DiT priors)")
     prompt_template: str = opt("a photo of a {}", "per-class prompt for text priors")
     class_free_prompt: str = opt("", "a single prompt for all samples (text priors, DomainNet-style runs)")
+    prior_resolution: int = opt(0, "sample the prior (SD, DiT, pixel) at this many px instead of its native size "
+                                "(e.g. 256 for SD 1.5 and a 32 px teacher; 0 = native)")
+    guidance_decoder: Literal["full", "tiny"] = opt("full", "decoder of x̂0 inside the guided step: the prior's VAE "
+                                                    "(full) or an AutoencoderTiny/TAESD (tiny, "
+                                                    "--guidance-decoder-path); final images always use the VAE")
+    guidance_decoder_path: str = opt("", "folder or hub id of the diffusers AutoencoderTiny for --guidance-decoder "
+                                     "tiny (e.g. madebyollin/taesd for SD 1.x/2.x and DiT)")
     # --- synthesis (SPEC §2) -------------------------------------------------------------------------------------
     bn: float = opt(0.1, "α: weight of the BN-statistics loss")
     cls: float = opt(10.0, "β: weight of the class-prior cross-entropy")
-    adv: float = opt(1.0, "γ: weight of the adversarial loss (after --adv-warmup student steps)")
+    adv: float = opt(1.0, "γ: weight of the adversarial loss (after --adv-warmup-images images)")
     step_size: float = opt(0.1, "η: latent step per timestep (per sample: the gradient is scaled by the batch size)")
     guidance_scale: float = opt(2.0, "classifier-free guidance scale of the prior")
     sampler_steps: int = opt(15, "sampler steps per image")
-    scheduler: str = opt("ddim", "diffusers scheduler: ddim, ddpm, dpm, pndm, unipc or a class name")
+    scheduler: str = opt("ddim", f"diffusers scheduler: {', '.join(SCHEDULERS)} or a class name")
     grad_mode: Literal["full", "detached"] = opt("full", "latent gradient through the UNet (full) or not (detached)")
     reuse_eps: bool = opt(False, "reuse ε̂ from before the latent step for the scheduler step (saves a UNet call)")
     guide_every: int = opt(1, "guide on every m-th sampler step only")
@@ -69,8 +85,16 @@ class RunConfig:
                                    "memory, about one more forward per guided step)", flag="--grad-checkpointing")
     memory_target_gb: float = opt(0.0, "CUDA: pick the largest --grad-chunk (gen-batch, then halved; checkpointing "
                                   "if needed) whose guided step peaks under this many GB (0 = off)")
-    deepinv_iters: int = opt(100, "optimisation steps per DeepInversion batch")
-    deepinv_lr: float = opt(0.1, "Adam learning rate of DeepInversion's pixels")
+    deepinv_iters: int = opt(100, "DeepInversion: Adam steps per batch (published: 2000)")
+    deepinv_lr: float = opt(0.1, "DeepInversion: peak Adam learning rate on pixels in [0, 1] (cosine decay)")
+    deepinv_bn: float = opt(10.0, "DeepInversion: α, weight of its BN-statistics loss (--bn is the prior's)")
+    deepinv_cls: float = opt(1.0, "DeepInversion: β, weight of its cross-entropy (--cls is the prior's)")
+    deepinv_first_bn_multiplier: float = opt(10.0, "DeepInversion: extra weight of the first BN layer's term")
+    deepinv_tv_l1: float = opt(0.0, "DeepInversion: weight of the total-variation L1 prior")
+    deepinv_tv_l2: float = opt(1e-4, "DeepInversion: weight of the total-variation L2 prior")
+    deepinv_l2: float = opt(1e-5, "DeepInversion: weight of the image L2-norm prior")
+    deepinv_jitter: int = opt(2, "DeepInversion: random roll of up to this many px per step (flips follow "
+                              "--aug-flip)")
     # --- student training (SPEC §3) ------------------------------------------------------------------------------
     batch_size: int = opt(128, "student batch size")
     optimizer: Literal["sgd", "adam"] = opt("adam", "student optimizer (sgd: momentum 0.9, nesterov)")
@@ -81,7 +105,8 @@ class RunConfig:
     kd_steps_per_tick: int = opt(0, "student updates per loop tick (0 = spread student steps over generation)")
     min_buffer: int = opt(200, "images in the replay buffer before student training starts")
     buffer_capacity: int = opt(0, "replay buffer size in images (0 = the image budget)")
-    adv_warmup: int = opt(100, "student steps before the adversarial term turns on")
+    adv_warmup_images: int = opt(300, "images made before the adversarial term turns on (either schedule; "
+                                 "offline it then targets the untrained student, as synthesis runs first)")
     teacher_logits: Literal["recompute", "cached"] = opt("recompute", "teacher logits on the augmented view "
                                                          "(recompute) or the ones cached at synthesis")
     aug_pad: int = opt(2, "random-crop padding of the student augmentation")
@@ -96,10 +121,17 @@ class RunConfig:
     use_streams: bool = opt(True, "separate CUDA streams for generation and training", flag="--no-streams")
     # --- system and outputs --------------------------------------------------------------------------------------
     device: str = opt("auto", "auto | cpu | cuda | cuda:N")
-    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = opt("auto", "auto = bf16 on CUDA, fp32 on CPU")
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = opt("auto", "auto = bf16 on CUDA, fp32 on CPU "
+                                                                 "(bf16 on CUDA also stores the frozen prior and "
+                                                                 "teacher in bf16)")
+    channels_last: bool = opt(True, "CUDA: channels_last memory format for the conv nets (prior, VAE, teacher, "
+                              "student)", flag="--no-channels-last")
+    compile: bool = opt(False, "torch.compile the prior's UNet/DiT and the student (opt-in; slow first steps)",
+                        flag="--compile")
     eval_every: int = opt(500, "evaluate the student on the real test set every N student steps")
     log_every: int = opt(50, "write a metrics line every N student steps")
     checkpoint_every: int = opt(250, "write a resumable checkpoint every N ticks")
+    checkpoint_minutes: float = opt(5.0, "also write one every N minutes of wall time (0 = by ticks only)")
     export: bool = opt(False, "export the synthetic set as an ImageFolder (+ labels.pt)", flag="--export")
     resume: bool = opt(False, "continue the run in --run-dir from its last checkpoint", flag="--resume")
     overwrite: bool = opt(False, "replace an existing --run-dir", flag="--overwrite")
@@ -109,20 +141,47 @@ class RunConfig:
     def resolved(self) -> RunConfig:
         """Apply the method presets and ablation toggles; validate. Returns a new config."""
         cfg = dataclasses.replace(self)
+        hints = typing.get_type_hints(RunConfig)
+        for f in dataclasses.fields(cfg):  # first: NaN passes every comparison below
+            value = getattr(cfg, f.name)
+            if hints[f.name] is float and not math.isfinite(value):
+                raise UserError(f"--{f.name.replace('_', '-')} must be a finite number (got {value})")
         positive = ["images", "student_steps", "sampler_steps", "gen_batch", "in_flight", "batch_size",
                     "guide_every", "eval_every", "log_every", "checkpoint_every", "deepinv_iters"]
         for name in positive:
             if getattr(cfg, name) <= 0:
                 raise UserError(f"--{name.replace('_', '-')} must be positive (got {getattr(cfg, name)})")
         for name in ["bn", "cls", "adv", "step_size", "msarc", "cutmix_every", "repair_steps", "repair_band",
-                     "kd_steps_per_tick", "min_buffer", "max_step_rms", "buffer_capacity", "adv_warmup", "aug_pad",
-                     "lr", "weight_decay", "first_bn_multiplier", "grad_chunk", "memory_target_gb"]:
+                     "kd_steps_per_tick", "min_buffer", "max_step_rms", "buffer_capacity", "adv_warmup_images",
+                     "aug_pad",
+                     "lr", "weight_decay", "first_bn_multiplier", "grad_chunk", "memory_target_gb", "deepinv_lr",
+                     "deepinv_bn", "deepinv_cls", "deepinv_first_bn_multiplier", "deepinv_tv_l1", "deepinv_tv_l2",
+                     "deepinv_l2", "deepinv_jitter",
+                     "checkpoint_minutes"]:
             if getattr(cfg, name) < 0:
                 raise UserError(f"--{name.replace('_', '-')} must be >= 0 (got {getattr(cfg, name)})")
         if cfg.tau <= 0 or cfg.guidance_scale <= 0 or cfg.cutmix_beta <= 0:
             raise UserError("--tau, --guidance-scale and --cutmix-beta must be positive")
         if not 0 <= cfg.cutmix_prob <= 1:
             raise UserError(f"--cutmix-prob must lie in [0, 1] (got {cfg.cutmix_prob})")
+        if cfg.prior_resolution < 0:
+            raise UserError(f"--prior-resolution must be >= 0 (got {cfg.prior_resolution}; 0 = native)")
+        if cfg.guidance_decoder == "tiny" and not cfg.guidance_decoder_path:
+            raise UserError("--guidance-decoder tiny needs --guidance-decoder-path (an AutoencoderTiny folder or hub "
+                            "id, e.g. madebyollin/taesd)")
+        if not 0 <= cfg.seed <= MAX_SEED:
+            raise UserError(f"--seed must lie in [0, {MAX_SEED}] (got {cfg.seed}): sample seeds are derived as "
+                            "seed * 10^7 + image index and must fit the 64-bit RNG seed")
+        if cfg.images > MAX_IMAGES:
+            raise UserError(f"--images must be at most {MAX_IMAGES:,} (got {cfg.images:,}): each image has its own "
+                            "seed, seed * 10^7 + image index")
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.device):
+            raise UserError(f"--device '{cfg.device}' is not a device; use auto, cpu, cuda or cuda:N")
+        if cfg.prompt_template.count("{}") != 1 or not _formats(cfg.prompt_template):
+            raise UserError(f"--prompt-template '{cfg.prompt_template}' must contain {{}} once, where the class name "
+                            "goes (e.g. 'a photo of a {}')")
+        if cfg.class_map:
+            parse_class_map(cfg.class_map)
         if cfg.resume and cfg.overwrite:
             raise UserError("--resume and --overwrite contradict each other; pass one")
         if cfg.method == "dmkd":  # DM-KD: plain prior samples, no teacher guidance (Li et al. 2023)
@@ -132,6 +191,7 @@ class RunConfig:
         if cfg.method == "deepinv":  # no prior: no latents to mix
             cfg.use_cutmix = False
         cfg.bn, cfg.cls, cfg.adv = (cfg.bn * cfg.use_bn, cfg.cls * cfg.use_cls, cfg.adv * cfg.use_adv)
+        cfg.deepinv_bn, cfg.deepinv_cls = cfg.deepinv_bn * cfg.use_bn, cfg.deepinv_cls * cfg.use_cls
         cfg.msarc *= cfg.use_msarc
         if not cfg.use_cutmix:
             cfg.cutmix_every = 0
@@ -147,6 +207,32 @@ class RunConfig:
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2)
+
+
+def _formats(template: str) -> bool:
+    try:
+        template.format("name")
+    except (IndexError, KeyError, ValueError):
+        return False
+    return True
+
+
+def parse_class_map(text: str) -> dict | list:
+    """``--class-map``: a JSON object or list (``{"0": 404, "1": 817}``, ``[404, 817]``), or the same as a Python
+    literal (``{0: 404, 1: 817}``, the form the prior's error message shows). Keys: teacher class index or name;
+    values: prior class id or label."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, TypeError, SyntaxError, RecursionError):
+            value = None
+    if not isinstance(value, dict | list) or not all(isinstance(v, int | str) for v in
+                                                      (value.values() if isinstance(value, dict) else value)):
+        raise UserError(f"--class-map {text!r} is not a map of teacher class -> prior class id; pass a JSON object "
+                        "or list, e.g. --class-map '{\"0\": 404, \"1\": 817}' or '[404, 817]'")
+    return value
 
 
 def add_config_flags(parser: argparse.ArgumentParser, names=None, *, renamed: dict | None = None,

@@ -34,9 +34,11 @@ from accelerate import Accelerator
 from augment.student_augment import student_augment
 from engine.config import RunConfig
 from engine.datasets import as_tensors, load_dataset
+from engine.errors import RunDiverged
 from engine.evaluate import accuracy
-from engine.outputs import RunOutputs
+from engine.outputs import RunOutputs, max_over_processes
 from engine.replay_buffer import ReplayBuffer
+from engine.stopping import Stopped, StopRequest
 from engine.streams import StreamPair, copy_weights
 from engine.world import World
 from losses import WeightedSum, kd_kl_loss, msarc_loss
@@ -119,7 +121,10 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def co_train(cfg: RunConfig, world: World, accelerator: Accelerator, outputs: RunOutputs) -> dict:
+def co_train(cfg: RunConfig, world: World, accelerator: Accelerator, outputs: RunOutputs,
+             checkpoint: dict | None = None, stop: StopRequest | None = None) -> dict:
+    """Run the loop; continue from ``checkpoint`` when given (``engine.run`` loads and validates it before it writes
+    anything); ``stop``, once it holds a signal, ends the run with a checkpoint and :class:`Stopped`."""
     device = accelerator.device
     rank, ranks = accelerator.process_index, accelerator.num_processes
     set_seed(cfg.seed + rank)
@@ -153,18 +158,17 @@ def co_train(cfg: RunConfig, world: World, accelerator: Accelerator, outputs: Ru
     batch_generator = torch.Generator().manual_seed(cfg.seed + 1 + 7919 * rank)
 
     # 3. Resume -------------------------------------------------------------------------------------------------------
-    state = LoopState()
-    if cfg.resume and outputs.has_checkpoint():
-        ckpt = outputs.load_checkpoint(ranks)
-        plain_student.load_state_dict(ckpt["student"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        schedule.load_state_dict(ckpt["schedule"])
-        shard = ckpt["ranks"][rank]
+    state, in_flight = LoopState(), []
+    if checkpoint is not None:
+        plain_student.load_state_dict(checkpoint["student"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        schedule.load_state_dict(checkpoint["schedule"])
+        shard = checkpoint["ranks"][rank]
         buffer.load_state_dict(shard["buffer"])
-        state = LoopState(**ckpt["state"])
-        # Micro-batches that were in flight restart from their seeds (they finish in start order).
-        state.batches_started = state.batches_finished
-        state.last_start_tick = -(10**9)
+        state = LoopState(**checkpoint["state"])
+        # The micro-batches in flight continue where they were (latents, CutMix/repair state, RNG), so a resumed run
+        # ends bit-identical to an uninterrupted one on CPU.
+        in_flight = [generator.restore_batch(saved) for saved in shard["in_flight"]]
         set_rng_state(shard["rng"])
         batch_generator.set_state(shard["batch_generator"])
         log.info("resumed at tick %d, student step %d, %d images in the buffer", state.tick, state.student_step,
@@ -175,12 +179,11 @@ def co_train(cfg: RunConfig, world: World, accelerator: Accelerator, outputs: Ru
     n_batches = math.ceil(cfg.images / cfg.gen_batch / ranks) if generator is not None else 0
     stagger = start_interval(cfg, steps_per_batch)
     rate = 1.0  # offline: one student step per tick once every image exists
-    if cfg.schedule == "online":
-        rate = kd_rate(cfg, steps_per_batch, batches_left=n_batches - state.batches_finished,
-                       steps_left=cfg.student_steps - state.student_step, buffered=len(buffer))
-    in_flight: list = []
+    if cfg.schedule == "online":  # from the run's start, so a resumed run keeps the same rate
+        rate = kd_rate(cfg, steps_per_batch, batches_left=n_batches, steps_left=cfg.student_steps)
     window = {"images": 0, "start": time.time(), "kd": {}, "inv": {}, "skipped": 0}
     run_start = time.time() - state.elapsed_seconds
+    last_checkpoint = time.time()
 
     # 4. The loop -----------------------------------------------------------------------------------------------------
     while state.student_step < cfg.student_steps or state.batches_finished < n_batches:
@@ -192,7 +195,10 @@ def co_train(cfg: RunConfig, world: World, accelerator: Accelerator, outputs: Ru
                 streams.wait("gen", "trained")
                 copy_weights(snapshot, plain_student)
                 streams.record("snapshotted", "gen")
-                adv_due = cfg.adv > 0 and state.student_step >= cfg.adv_warmup
+                # Warm-up in images made, the same in both schedules: offline, L_adv then targets the student as it
+                # is during synthesis (untrained), online the student of the last tick.
+                images_made = state.batches_finished * cfg.gen_batch * ranks
+                adv_due = cfg.adv > 0 and images_made >= cfg.adv_warmup_images
                 if adv_due and "adv" not in generator.weighted.active:  # warm-up over: L_adv on from now
                     generator.set_weights(adv=cfg.adv)
                 due = state.tick - state.last_start_tick >= stagger
@@ -239,26 +245,46 @@ def co_train(cfg: RunConfig, world: World, accelerator: Accelerator, outputs: Ru
                 streams.record("trained", "train")
         state.tick += 1
 
-        # 4c. Checkpoint (host sync point).
-        if state.tick % cfg.checkpoint_every == 0:
+        # 4c. Checkpoint (host sync point) every --checkpoint-every ticks and --checkpoint-minutes, and on SIGINT or
+        # SIGTERM. The save is a collective: every process takes the decision of the one that saw the clock or the
+        # signal first (one host-side reduction per tick, multi-process only).
+        clock_due = cfg.checkpoint_minutes > 0 and time.time() - last_checkpoint >= 60 * cfg.checkpoint_minutes
+        due, signum = max_over_processes(accelerator, [state.tick % cfg.checkpoint_every == 0 or clock_due,
+                                                       stop.signum if stop is not None else 0])
+        if due or signum:
             streams.join()
             state.elapsed_seconds = time.time() - run_start
             outputs.save_checkpoint(accelerator, plain_student, optimizer, schedule, buffer, state, rng_state(),
-                                    batch_generator.get_state())
+                                    batch_generator.get_state(), [generator.batch_state(b) for b in in_flight])
+            last_checkpoint = time.time()
+            if signum:
+                log.warning("stopped at tick %d, student step %d, checkpoint written: --resume continues", state.tick,
+                            state.student_step)
+                raise Stopped(signum)
 
     # 5. Final outputs (the last metrics line has evaluated the student) -------------------------------------------
     streams.join()
     state.elapsed_seconds = time.time() - run_start
     final_acc = state.last_acc  # evaluated by the metrics line of the last student step
     outputs.save_checkpoint(accelerator, plain_student, optimizer, schedule, buffer, state, rng_state(),
-                            batch_generator.get_state())
+                            batch_generator.get_state(), [])
     images_made = int(accelerator.reduce(torch.tensor(buffer.total_added, device=device), "sum"))
     summary = {"student_acc": final_acc, "best_student_acc": state.best_acc, "student_steps": state.student_step,
                "images": images_made, "ticks": state.tick, "wall_seconds": round(state.elapsed_seconds, 1),
                "skipped_latent_steps": state.skipped_latent_steps,
                "skipped_student_steps": state.skipped_student_steps, "processes": ranks}
+    # Diverged: most steps were skipped as non-finite (e.g. --lr 1e30, --step-size 1e30). The outputs are written
+    # for inspection, but the run exits 3 instead of passing off a meaningless student (the counts are in summary).
+    guided_per_image = steps_per_batch if cfg.method == "deepinv" else math.ceil(steps_per_batch / cfg.guide_every)
+    latent_steps = images_made * guided_per_image if cfg.bn + cfg.cls + cfg.adv > 0 else 0
+    summary["diverged"] = (state.skipped_student_steps > state.student_step / 2
+                           or state.skipped_latent_steps > latent_steps / 2 > 0)
     outputs.write_final(accelerator, plain_student, buffer, info, summary, arch=cfg.student,
                         mean=world.teacher.mean, std=world.teacher.std, export=cfg.export)
+    if summary["diverged"]:
+        raise RunDiverged(f"the run diverged: {state.skipped_student_steps} of {state.student_step} student steps "
+                          f"and {state.skipped_latent_steps} of about {latent_steps} latent steps were not finite and "
+                          f"skipped (see summary.json in {outputs.dir}); lower --lr or --step-size")
     return summary
 
 

@@ -5,20 +5,39 @@ process writes.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import functools
 import json
 import logging
 import os
 import shutil
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
-from engine.checkpoints import atomic_dir, atomic_path, atomic_save_safetensors, atomic_torch_save, atomic_write_json
+from engine.checkpoints import (
+    DiskFull,
+    atomic_dir,
+    atomic_path,
+    atomic_save_safetensors,
+    atomic_torch_save,
+    atomic_write_json,
+    atomic_write_text,
+)
 from engine.errors import UserError
 from engine.replay_buffer import ReplayBuffer
 
 log = logging.getLogger(__name__)
+
+
+LOCK = ".lock"  # run_dir/.lock: holds the PID of the process running there, locked while it runs
+
+
+def holds_a_run(run_dir: Path) -> bool:
+    return run_dir.is_dir() and any(p.name != LOCK for p in run_dir.iterdir())
 
 
 def check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
@@ -26,9 +45,10 @@ def check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
     before the (possibly slow) world is built and a bad flag leaves the disk untouched."""
     if run_dir.exists() and not run_dir.is_dir():
         raise UserError(f"--run-dir {run_dir} is a file; pass a folder")
-    if run_dir.is_dir() and any(run_dir.iterdir()):
-        if resume and not (run_dir / "checkpoint.pt").exists():
-            raise UserError(f"--resume: {run_dir} has no checkpoint.pt to resume from; drop --resume to start anew")
+    if holds_a_run(run_dir):
+        if resume and not (run_dir / "checkpoint.pt").exists() and not (run_dir / "config.json").exists():
+            raise UserError(f"--resume: {run_dir} has no checkpoint.pt to resume from (nor a config.json: it holds "
+                            "no run of this engine); pass another --run-dir")
         if not resume and not overwrite:
             raise UserError(f"{run_dir} already holds a run; pass --resume to continue it "
                             "or --overwrite to replace it")
@@ -42,21 +62,49 @@ def check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
                         "pass a writable --run-dir")
 
 
-def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
-    """After the world is built: clear the old run (--overwrite), create the folder and prove it is writable."""
-    check_run_dir(run_dir, resume, overwrite)
-    if overwrite and run_dir.is_dir():
-        shutil.rmtree(run_dir)
+@contextlib.contextmanager
+def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> Iterator[None]:
+    """Once the new run is known to start (everything validated): create the folder, lock it for this process until
+    the block ends, clear the old run (--overwrite) and drop the temp files of a killed run. Main process only.
+
+    The lock is ``flock`` on ``run_dir/.lock``: the kernel releases it when the process ends, however it ends, so a
+    lock left by a dead process is never in force; --overwrite keeps that file, so the folder stays locked while the
+    old run is deleted."""
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / ".write-test"
-        probe.write_text("")
-        probe.unlink()
+        lock = open(run_dir / LOCK, "a+")
     except OSError as err:
         raise UserError(f"cannot write to run directory {run_dir} ({err.strerror}); "
                         "pass a writable --run-dir") from None
-    for stale in run_dir.glob(".*.tmp"):  # temp files of a killed run: never under a final name, safe to drop
-        shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
+    with lock:  # closing it releases the lock
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = (lock.read().split() or ["?"])[-1]
+            raise UserError(f"{run_dir} is in use by another run (process {holder}); wait for it to end "
+                            "or pass another --run-dir") from None
+        lock.truncate(0)
+        lock.write(f"{os.getpid()}\n")
+        lock.flush()
+        check_run_dir(run_dir, resume, overwrite)  # again, under the lock: another process may have run here since
+        try:
+            if overwrite:
+                for old in run_dir.iterdir():
+                    if old.name != LOCK:
+                        shutil.rmtree(old) if old.is_dir() and not old.is_symlink() else old.unlink()
+            probe = run_dir / ".write-test"
+            probe.write_text("")
+            probe.unlink()
+        except OSError as err:
+            raise UserError(f"cannot write to run directory {run_dir} ({err.strerror}); "
+                            "pass a writable --run-dir") from None
+        for stale in run_dir.glob(".*.tmp"):  # temp files of a killed run: never under a final name, safe to drop
+            shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
+        yield
+
+
+CHECKPOINT_KEYS = {"student", "optimizer", "schedule", "state", "ranks"}
 
 
 class RunOutputs:
@@ -69,6 +117,21 @@ class RunOutputs:
     def write_config(self, config: dict) -> None:
         if self.is_main:
             atomic_write_json(config, self.dir / "config.json")
+
+    def truncate_metrics(self, student_step: int) -> None:
+        """Keep the lines up to ``student_step`` (a resumed run logs the later steps again), and drop a partial last
+        line of a killed write; atomically."""
+        path = self.dir / "metrics.jsonl"
+        if not self.is_main or not path.exists():
+            return
+        kept = []
+        for line in path.read_text().splitlines():
+            try:
+                if json.loads(line)["student_step"] <= student_step:
+                    kept.append(line + "\n")
+            except (ValueError, KeyError, TypeError):
+                pass
+        atomic_write_text("".join(kept), path)
 
     def log(self, line: dict) -> None:
         if not self.is_main:
@@ -87,17 +150,21 @@ class RunOutputs:
         return (self.dir / "checkpoint.pt").exists()
 
     def save_checkpoint(self, accelerator, student, optimizer, schedule, buffer, state, rng,
-                        batch_generator_state) -> None:
-        """One file for the whole run: the (DDP-synchronised) student and optimizer, and every rank's replay buffer
-        and RNG state, gathered to the main process (a collective: every rank calls it)."""
-        shard = {"buffer": buffer.state_dict(), "rng": rng, "batch_generator": batch_generator_state}
+                        batch_generator_state, in_flight: list) -> None:
+        """One file for the whole run: the (DDP-synchronised) student and optimizer, and every rank's replay buffer,
+        RNG state and in-flight micro-batches, gathered to the main process (a collective: every rank calls it)."""
+        shard = {"buffer": buffer.state_dict(), "rng": rng, "batch_generator": batch_generator_state,
+                 "in_flight": in_flight}
         shards = gather_to_all(accelerator, shard)
         if not self.is_main:
             return
-        atomic_torch_save({
-            "student": student.state_dict(), "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
-            "state": vars(state).copy(), "ranks": shards,
-        }, self.dir / "checkpoint.pt")
+        checkpoint = {"student": student.state_dict(), "optimizer": optimizer.state_dict(),
+                      "schedule": schedule.state_dict(), "state": vars(state).copy(), "ranks": shards}
+        try:
+            atomic_torch_save(checkpoint, self.dir / "checkpoint.pt")
+        except DiskFull:  # the previous checkpoint.pt is untouched (atomic write)
+            raise DiskFull(f"no space left on {self.dir} (needs about {tensor_bytes(checkpoint) / 2**20:.0f} MB per "
+                           "checkpoint); free some space, then --resume from the last checkpoint") from None
 
     def load_checkpoint(self, ranks: int = 1) -> dict:
         path = self.dir / "checkpoint.pt"
@@ -106,6 +173,10 @@ class RunOutputs:
         except Exception as err:
             raise UserError(f"cannot read {path} ({type(err).__name__}); it is corrupt: "
                             "start anew with --overwrite") from None
+        missing = CHECKPOINT_KEYS - set(ckpt) if isinstance(ckpt, dict) else CHECKPOINT_KEYS
+        if missing:
+            raise UserError(f"{path} is not a checkpoint of this engine (no {', '.join(sorted(missing))}); "
+                            "start anew with --overwrite")
         if len(ckpt["ranks"]) != ranks:
             raise UserError(f"{path} was written by {len(ckpt['ranks'])} processes; resume it with "
                             f"--num_processes {len(ckpt['ranks'])}")
@@ -131,6 +202,35 @@ class RunOutputs:
         if export:
             export_image_folder(buffer, info.class_names, self.dir / "synthetic")
         atomic_write_json(summary, self.dir / "summary.json")
+
+
+def tensor_bytes(obj) -> int:
+    """Bytes of the tensors in a nested dict/list (about the size of its ``torch.save`` file)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v) for v in obj)
+    return 0
+
+
+def max_over_processes(accelerator, values: list[int]) -> list[int]:
+    """Each value's maximum over the processes, so that every process takes the same branch (a collective, on the
+    host: it never waits for the GPU)."""
+    if accelerator.num_processes == 1:
+        return values
+    reduced = torch.tensor(values, dtype=torch.int64)
+    torch.distributed.all_reduce(reduced, op=torch.distributed.ReduceOp.MAX, group=host_group())
+    return reduced.tolist()
+
+
+@functools.cache
+def host_group():
+    """A gloo group of every process (the default group when it is gloo), made on the first call, which every
+    process reaches together."""
+    dist = torch.distributed
+    return None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
 
 
 def gather_to_all(accelerator, obj) -> list:

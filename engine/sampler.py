@@ -23,6 +23,7 @@ the plain loop over ``scheduler.timesteps`` for offline synthesis.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import inspect
 from dataclasses import dataclass, field
 
@@ -32,6 +33,7 @@ from torch import nn
 
 from augment.latent_cutmix import apply_cutmix, latent_cutmix, mix_labels, seam_band
 from losses import BNStatHooks, WeightedSum, adversarial_loss, class_prior_loss
+from models.priors import SCHEDULERS
 
 
 @dataclass
@@ -144,7 +146,7 @@ class GuidedSampler:
                  config: GuidanceConfig):
         if not hasattr(prior.scheduler, "alphas_cumprod"):
             raise ValueError(f"{type(prior.scheduler).__name__} has no alphas_cumprod; guidance needs a "
-                             "variance-preserving scheduler (ddim, ddpm, dpm, pndm, unipc)")
+                             f"variance-preserving scheduler ({', '.join(SCHEDULERS)})")
         self.prior, self.teacher, self.view, self.config = prior, teacher, teacher_view, config
         self.num_classes = num_classes
         self.weighted = WeightedSum(config.weights(), name="L_inv")
@@ -155,7 +157,7 @@ class GuidedSampler:
         # schedulers (Euler: z_t = z0 + σ·ε, init_noise_sigma ≫ 1) have alphas_cumprod too but do not follow it.
         if float(getattr(self._scheduler, "init_noise_sigma", 1.0)) != 1.0:
             raise ValueError(f"{type(prior.scheduler).__name__} is not variance-preserving (init_noise_sigma "
-                             f"{float(self._scheduler.init_noise_sigma):g}); use ddim, ddpm, dpm, pndm or unipc")
+                             f"{float(self._scheduler.init_noise_sigma):g}); use {', '.join(SCHEDULERS)}")
         # Only stochastic schedulers take a generator (PNDM and UniPC do not accept the keyword).
         self._step_takes_generator = "generator" in inspect.signature(self._scheduler.step).parameters
 
@@ -303,6 +305,23 @@ class GuidedSampler:
             mixed = mix.box.flatten(1).any(1)[:, None, None, None]  # (B, 1, 1, 1); misses of cutmix_prob are not
             free = seam_band(mix.box, cfg.repair_band) | ~mixed
             batch.repair = SeamRepair(free, apply_cutmix(z0, mix), apply_cutmix(eps_implied, mix), cfg.repair_steps)
+
+    # Checkpoints: a micro-batch in flight, saved and restored exactly --------------------------------------------
+    def batch_state(self, batch: GenerationBatch) -> dict:
+        """A copy (the live batch keeps stepping, partly in place) of everything the rest of its trajectory depends
+        on; the conditioning is recomputed from the labels."""
+        state = {f.name: getattr(batch, f.name) for f in dataclasses.fields(batch) if f.name not in ("cond", "z")}
+        return copy.deepcopy(state | {"z": batch.z.detach(), "generator": batch.generator.get_state()})
+
+    def restore_batch(self, state: dict) -> GenerationBatch:
+        saved = {name: value.to(self.device) if isinstance(value, torch.Tensor) and name != "seeds" else value
+                 for name, value in state.items()}
+        if saved["repair"] is not None:
+            repair = saved["repair"]
+            saved["repair"] = SeamRepair(repair.free.to(self.device), repair.z0.to(self.device),
+                                         repair.eps.to(self.device), repair.steps_left)
+        saved["generator"] = torch.Generator().set_state(state["generator"])
+        return GenerationBatch(cond=self.prior.condition(saved["labels"]), **saved)
 
     # 6. Decode ----------------------------------------------------------------------------------------------------
     @torch.no_grad()

@@ -5,19 +5,20 @@ Every user mistake found here becomes a one-line :class:`UserError` (exit 2) bef
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 
+import psutil
 import torch
 from torch import nn
 
 from engine.classifiers import DEFAULT_PRIOR, ClassifierSpec, resolve_classifier
-from engine.config import RunConfig
+from engine.config import RunConfig, parse_class_map
 from engine.datasets import DatasetInfo, load_dataset
-from engine.deepinversion import DeepInversionGenerator
+from engine.deepinversion import DeepInversionConfig, DeepInversionGenerator
 from engine.errors import UserError
 from engine.sampler import GuidanceConfig, GuidedSampler, TeacherView
+from losses import msarc_loss
 from models.base import has_batchnorm
 
 log = logging.getLogger(__name__)
@@ -46,14 +47,34 @@ def guidance_config(cfg: RunConfig) -> GuidanceConfig:
     )
 
 
+def frozen_dtype(device: torch.device | str, mixed_precision: str) -> torch.dtype:
+    """The dtype the frozen networks (prior, VAE, text encoder, guidance decoder, teacher) are stored in: bf16 when
+    the run computes in bf16 on CUDA, so autocast does not re-cast every frozen weight on every call; float32
+    otherwise (CPU; fp16, whose autocast keeps fp32 weights: SD's VAE overflows in fp16). Latents and the latent
+    gradient stay float32 either way (the prior adapters cast at their inputs and outputs)."""
+    if torch.device(device).type == "cuda" and mixed_precision in ("auto", "bf16"):  # auto = bf16 on CUDA
+        return torch.bfloat16
+    return torch.float32
+
+
+def deepinversion_config(cfg: RunConfig) -> DeepInversionConfig:
+    return DeepInversionConfig(
+        bn=cfg.deepinv_bn, cls=cfg.deepinv_cls, adv=0.0, tv_l1=cfg.deepinv_tv_l1, tv_l2=cfg.deepinv_tv_l2,
+        l2=cfg.deepinv_l2, first_bn_multiplier=cfg.deepinv_first_bn_multiplier, jitter=cfg.deepinv_jitter,
+        flip=cfg.aug_flip, steps=cfg.deepinv_iters, lr=cfg.deepinv_lr, divergence=cfg.divergence)
+
+
 def load_run_prior(cfg: RunConfig, info: DatasetInfo, device: torch.device):
     from models.priors import PriorLoadError, load_prior
 
     spec = str(DEFAULT_PRIOR) if cfg.prior == "default" else cfg.prior
-    class_map = json.loads(cfg.class_map) if cfg.class_map else None
+    class_map = parse_class_map(cfg.class_map) if cfg.class_map else None
+    guidance_decoder = cfg.guidance_decoder_path if cfg.guidance_decoder == "tiny" else None
     try:
         prior = load_prior(spec, info.class_names, scheduler=cfg.scheduler, class_map=class_map,
-                           prompt_template=cfg.prompt_template, class_free_prompt=cfg.class_free_prompt or None)
+                           prompt_template=cfg.prompt_template, class_free_prompt=cfg.class_free_prompt or None,
+                           torch_dtype=frozen_dtype(device, cfg.mixed_precision),
+                           image_size=cfg.prior_resolution or None, device=device, guidance_decoder=guidance_decoder)
     except PriorLoadError as err:
         raise UserError(str(err)) from None
     return prior.to(device)
@@ -66,12 +87,42 @@ def load_teacher(cfg: RunConfig, info: DatasetInfo, device: torch.device) -> tup
     if teacher.checkpoint is None:
         raise UserError(f"--teacher '{cfg.teacher}' is an untrained architecture; pass a trained checkpoint")
     teacher.model.to(device).eval().requires_grad_(False)
-    if cfg.bn > 0 and not has_batchnorm(teacher.model):
+    store_frozen(teacher.model, frozen_dtype(device, cfg.mixed_precision))
+    if (cfg.bn > 0 or cfg.deepinv_bn > 0) and not has_batchnorm(teacher.model):
         log.warning("the teacher has no BatchNorm layers: the BN-statistics term is disabled (--bn 0)")
-        cfg.bn = 0.0
+        cfg.bn = cfg.deepinv_bn = 0.0
     size = teacher.provenance.get("image_size", info.image_size)
     channels = teacher.provenance.get("in_channels", info.channels)
     return teacher, TeacherView(size, channels, teacher.mean, teacher.std).to(device)
+
+
+def store_frozen(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """A frozen classifier's weights in ``dtype`` (no-op for float32). BatchNorm layers stay float32: their running
+    statistics are L_bn's targets. A pre-hook casts floating inputs, for callers outside autocast."""
+    if dtype == torch.float32:
+        return model
+    model.to(dtype)
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.float()
+    model.register_forward_pre_hook(
+        lambda _, args: tuple(a.to(dtype) if torch.is_tensor(a) and a.is_floating_point() else a for a in args))
+    return model
+
+
+def speed_up(cfg: RunConfig, device: torch.device, prior, teacher: nn.Module, student: nn.Module) -> None:
+    """CUDA: channels_last for the conv nets (cuDNN's bf16 tensor-core convolutions run NHWC; NCHW weights pay
+    transposes). ``--compile``: torch.compile of the prior's UNet/DiT and the student, in place, so parameter names
+    (checkpoints, the student snapshot) do not change. Neither changes a counted FLOP (benchmarks/flops.py); on a
+    GPU both are to be measured (BENCHMARKS.md)."""
+    if device.type == "cuda" and cfg.channels_last:
+        for net in (prior, teacher, student):
+            if net is not None:
+                net.to(memory_format=torch.channels_last)
+    if cfg.compile:
+        if prior is not None:
+            (prior.transformer if hasattr(prior, "transformer") else prior.unet).compile()
+        student.compile()
 
 
 def guided_sampler(cfg: RunConfig, info: DatasetInfo, teacher: ClassifierSpec, view: TeacherView,
@@ -87,17 +138,79 @@ def guided_sampler(cfg: RunConfig, info: DatasetInfo, teacher: ClassifierSpec, v
         raise UserError(f"--scheduler {cfg.scheduler}: {err}") from None
 
 
+def check_device(cfg: RunConfig, device: torch.device) -> None:
+    """Refuse what accelerate would silently replace: CUDA where there is none, fp16 autocast on the CPU."""
+    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {cfg.device}: CUDA is not available here; use --device cpu (or auto)")
+    if cfg.device.startswith("cuda:") and int(cfg.device[5:]) >= torch.cuda.device_count():
+        raise UserError(f"--device {cfg.device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if device.type == "cpu" and cfg.mixed_precision == "fp16":
+        raise UserError("--mixed-precision fp16 needs CUDA and this run is on the CPU; use bf16 or no")
+
+
+def check_buffer_fits(cfg: RunConfig, info: DatasetInfo, view: TeacherView, device: torch.device) -> None:
+    """The replay buffer is allocated whole at the start: refuse one larger than the device's memory (ranks on one
+    machine share its RAM, so the whole buffer is compared)."""
+    per_image = view.channels * view.size**2 + 2 * 4 * info.num_classes + 8  # uint8 image, logits, targets, seed
+    need = cfg.buffer_capacity * per_image
+    if device.type == "cuda":
+        have, where = torch.cuda.get_device_properties(device).total_memory, str(device)
+    else:
+        have, where = psutil.virtual_memory().total, "this machine"
+    if need > have:
+        raise UserError(f"the replay buffer of {cfg.buffer_capacity:,} images of {view.channels}x{view.size}x"
+                        f"{view.size} would need {need / 2**30:,.1f} GiB, more than the {have / 2**30:,.1f} GiB of "
+                        f"{where}; lower --images or --buffer-capacity")
+
+
+def check_forward(cfg: RunConfig, teacher: ClassifierSpec, student: nn.Module, info: DatasetInfo,
+                  view: TeacherView, device: torch.device) -> None:
+    """A dry forward of teacher and student (and mSARC, which needs both models' stage maps and heads) on one dummy
+    batch of the teacher's input, so that models that cannot take the data fail here, before anything is written."""
+    shape = (view.channels, view.size, view.size)
+    if (info.channels, info.image_size) != shape[:2]:
+        raise UserError(f"dataset '{info.name}' has {info.channels}x{info.image_size}x{info.image_size} images but "
+                        f"the teacher takes {'x'.join(map(str, shape))}; pass the dataset the teacher was trained on")
+    x = torch.zeros(2, *shape, device=device)
+    was_training = student.training
+    student.eval()  # leaves the BatchNorm statistics untouched
+    try:
+        with torch.no_grad():
+            for role, spec, model in (("teacher", teacher.arch, teacher.model), ("student", cfg.student, student)):
+                try:
+                    model(x)
+                except Exception as err:  # a foreign architecture can fail in any way
+                    raise UserError(f"the {role} '{spec}' cannot take {'x'.join(map(str, shape))} inputs "
+                                    f"({type(err).__name__}: {str(err).strip()[:200]})") from None
+            if cfg.msarc > 0:
+                try:
+                    t_logits, t_features = teacher.model(x, return_features=True)
+                    _, s_features = student(x, return_features=True)
+                    msarc_loss([f.float() for f in s_features], [f.float() for f in t_features],
+                               student.classifier_weight().float(), teacher.model.classifier_weight().float(),
+                               t_logits.float())
+                except Exception as err:
+                    raise UserError(f"mSARC cannot pair the student '{cfg.student}' with the teacher "
+                                    f"'{teacher.arch}' ({type(err).__name__}: {str(err).strip()[:200]}); pass "
+                                    "--no-msarc or choose another student") from None
+    finally:
+        student.train(was_training)
+
+
 def build_world(cfg: RunConfig, device: torch.device) -> World:
+    check_device(cfg, device)
     test_set, info = load_dataset(cfg.dataset, "test", root=cfg.data_root or None)
     teacher, view = load_teacher(cfg, info, device)
     student = resolve_classifier(cfg.student, info).model.to(device)
+    check_forward(cfg, teacher, student, info, view, device)
+    check_buffer_fits(cfg, info, view, device)
     generator, prior = None, None
     if cfg.method in ("diffdfkd", "dmkd"):
         generator = guided_sampler(cfg, info, teacher, view, device)
         prior = generator.prior
+        if cfg.guidance_scale != RunConfig.guidance_scale and not prior.condition([0]).is_conditional:
+            log.warning("the prior is unconditional: --guidance-scale %g has no effect", cfg.guidance_scale)
     elif cfg.method == "deepinv":
-        generator = DeepInversionGenerator(teacher.model, view, info.num_classes, bn=10.0 * (cfg.bn > 0),
-                                           cls=1.0 * (cfg.cls > 0), adv=cfg.adv, steps=cfg.deepinv_iters,
-                                           lr=cfg.deepinv_lr, divergence=cfg.divergence,
-                                           first_bn_multiplier=cfg.first_bn_multiplier)
+        generator = DeepInversionGenerator(teacher.model, view, info.num_classes, deepinversion_config(cfg))
+    speed_up(cfg, device, prior, teacher.model, student)
     return World(teacher, student, info, test_set, view, generator, prior)

@@ -33,7 +33,7 @@ TINY_RUN = ["--dataset", "digits", "--student", "convnet-w8", "--device", "cpu",
             "--student-steps", "8", "--batch-size", "16", "--min-buffer", "4",
             "--log-every", "2", "--eval-every", "4", "--checkpoint-every", "4",
             "--cutmix-every", "2", "--repair-steps", "1", "--repair-band", "1",
-            "--deepinv-iters", "4", "--adv-warmup", "2"]
+            "--deepinv-iters", "4", "--adv-warmup-images", "8"]
 
 
 def no_bn_classifier(num_classes: int = 10, in_channels: int = 1) -> nn.Module:

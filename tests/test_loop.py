@@ -31,6 +31,7 @@ class Recording:
     """What one run did, per tick (a tick's generation phase starts with the snapshot refresh)."""
 
     ticks: list[dict] = field(default_factory=list)
+    images: int = 0  # images added to the replay buffer so far
     initial_student: torch.Tensor | None = None
     snapshot_ids: set[int] = field(default_factory=set)
     student_ids: set[int] = field(default_factory=set)
@@ -66,11 +67,13 @@ def record_run(world, tmp_path: Path, monkeypatch, *flags: str) -> tuple[Recordi
     def step(batch, student=None):
         real_step(batch, student)
         rec.current["steps"].append({"batch": int(batch.seeds[0]) // cfg.gen_batch, "student": fingerprint(student),
-                                     "adv": "adv" in batch.last_terms, "kd_so_far": len(rec.kd_events())})
+                                     "adv": "adv" in batch.last_terms, "kd_so_far": len(rec.kd_events()),
+                                     "images_so_far": rec.images})
         rec.snapshot_ids.add(id(student))
 
     def add(buffer, *args):
         real_add(buffer, *args)
+        rec.images += len(args[0])
         rec.current["adds"].append(len(buffer))
 
     def student_step(cfg_, student, plain_student, teacher, view, buffer, *rest):
@@ -89,7 +92,7 @@ def record_run(world, tmp_path: Path, monkeypatch, *flags: str) -> tuple[Recordi
 
 # --- the snapshot hand-off ------------------------------------------------------------------------------------------
 def test_adversarial_term_at_tick_n_plus_1_sees_the_updates_of_tick_n(world, tmp_path, monkeypatch):
-    rec, summary, _ = record_run(world, tmp_path, monkeypatch, "--adv-warmup", "0", "--kd-steps-per-tick", "1",
+    rec, summary, _ = record_run(world, tmp_path, monkeypatch, "--adv-warmup-images", "0", "--kd-steps-per-tick", "1",
                                  "--student-steps", "6")
     assert summary["student_steps"] == 6
     assert len(rec.snapshot_ids & rec.student_ids) == 0  # the generator reads a copy, never the trained module
@@ -195,13 +198,20 @@ def test_fractional_rates_finish_with_generation(world, tmp_path, monkeypatch, s
 
 
 # --- the adversarial warm-up ----------------------------------------------------------------------------------------
-def test_adversarial_term_turns_on_after_the_warmup(world, tmp_path, monkeypatch):
-    rec, _, _ = record_run(world, tmp_path, monkeypatch, "--adv-warmup", "3", "--student-steps", "8")
+@pytest.mark.parametrize("schedule", ["online", "offline"])
+def test_adversarial_term_turns_on_after_the_warmup_in_images(world, tmp_path, monkeypatch, schedule):
+    """The warm-up counts images made, so the offline schedule (no student step during synthesis) gets L_adv too,
+    against the student as it is then (untrained)."""
+    rec, _, _ = record_run(world, tmp_path, monkeypatch, "--adv-warmup-images", "8", "--student-steps", "8",
+                           "--schedule", schedule)
     steps = [step for tick in rec.ticks for step in tick["steps"]]
-    assert [step["adv"] for step in steps] == [step["kd_so_far"] >= 3 for step in steps]
+    assert [step["adv"] for step in steps] == [step["images_so_far"] >= 8 for step in steps]
     assert any(step["adv"] for step in steps) and not all(step["adv"] for step in steps)
+    if schedule == "offline":
+        assert all(step["kd_so_far"] == 0 for step in steps)  # every latent step ran before any student step
+        assert all(torch.equal(step["student"], rec.initial_student) for step in steps)
 
 
 def test_no_adv_never_turns_it_on(world, tmp_path, monkeypatch):
-    rec, _, _ = record_run(world, tmp_path, monkeypatch, "--adv-warmup", "0", "--no-adv")
+    rec, _, _ = record_run(world, tmp_path, monkeypatch, "--adv-warmup-images", "0", "--no-adv")
     assert not any(step["adv"] for tick in rec.ticks for step in tick["steps"])

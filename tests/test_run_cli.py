@@ -64,7 +64,7 @@ def test_metrics_lines(finished_run):
         assert line["images_per_s"] >= 0 and 0 < line["buffer_fill"] <= 1
         assert all(isinstance(v, (int, float)) for v in line.values())
     assert lines[-1]["buffer_fill"] == 1.0 and lines[-1]["images"] == 16
-    assert any("inv_adv" in line for line in lines)  # on after --adv-warmup 2 student steps
+    assert any("inv_adv" in line for line in lines)  # on after --adv-warmup-images 8
     evaluated = [line["student_step"] for line in lines if "student_acc" in line]
     assert evaluated == [4, 8]  # --eval-every 4, and the end
     assert all(0 <= line["student_acc"] <= 1 for line in lines if "student_acc" in line)
@@ -110,8 +110,10 @@ def test_export_image_folder(finished_run):
     assert {p.name for p in folder.iterdir() if p.is_dir()} == set(labels["class_names"])
 
 
-@pytest.mark.parametrize("method, inv_terms", [("dmkd", set()), ("deepinv", {"inv_bn", "inv_cls"}),
-                                               ("real-kd", set())])
+DEEPINV_TERMS = {"inv_bn", "inv_cls", "inv_tv_l1", "inv_tv_l2", "inv_l2"}
+
+
+@pytest.mark.parametrize("method, inv_terms", [("dmkd", set()), ("deepinv", DEEPINV_TERMS), ("real-kd", set())])
 def test_each_method_runs(world, tmp_path, capsys, method, inv_terms):
     summary = run_ok(world, tmp_path / method, capsys, "--method", method, "--student-steps", "4",
                      "--eval-every", "2")
