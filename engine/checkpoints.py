@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -13,6 +14,8 @@ from typing import Any
 
 import torch
 
+from engine.errors import UserError
+
 
 def _umask() -> int:
     mask = os.umask(0)
@@ -20,20 +23,39 @@ def _umask() -> int:
     return mask
 
 
+class DiskFull(UserError):
+    """A write ran out of space; the file under the final name, if any, is untouched."""
+
+
+def is_disk_full(err: BaseException) -> bool:
+    if isinstance(err, OSError):
+        return err.errno in (errno.ENOSPC, errno.EDQUOT)
+    # torch.save reports a short write without an errno: "[enforce fail at inline_container.cc:672] . unexpected
+    # pos ..." or "PytorchStreamWriter failed writing file ...: file write failed".
+    return isinstance(err, RuntimeError) and ("unexpected pos" in str(err) or "file write failed" in str(err))
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temp path beside ``path``; on success it is fsynced and renamed over ``path``."""
+    """Yield a temp path beside ``path``; on success it is fsynced and renamed over ``path``. Running out of space
+    is a :class:`DiskFull` error."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp)
-    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a finished file gets the usual permissions
     try:
         yield tmp
+        # mkstemp makes 0600, and some writers (safetensors) replace the file with their own 0600 temp file: the
+        # finished file gets the usual permissions.
+        os.chmod(tmp, 0o666 & ~_umask())
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as err:
+        if not is_disk_full(err):
+            raise
+        raise DiskFull(f"no space left on {path.parent} (writing {path.name})") from None
     finally:
         tmp.unlink(missing_ok=True)
 

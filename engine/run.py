@@ -6,6 +6,7 @@ digits) on a CPU. See ``python -m engine.run --help`` for every flag and ``--dry
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -15,7 +16,7 @@ from pathlib import Path
 import torch
 
 from engine.config import parse_config
-from engine.errors import exits_cleanly
+from engine.errors import UserError, exits_cleanly
 from engine.logs import setup_logging
 
 log = logging.getLogger("engine.run")
@@ -30,6 +31,30 @@ def make_accelerator(device: str, mixed_precision: str):
     return Accelerator(cpu=cpu, mixed_precision=mixed_precision)
 
 
+def load_resume_checkpoint(cfg, world, outputs, resolved: dict, processes: int) -> dict | None:
+    """--resume: the checkpoint, validated against this start (config, student, processes), or None when the run
+    died before its first one (it starts from scratch). Reads only: a rejected --resume changes nothing."""
+    from engine.resume import check_same_run
+
+    saved = outputs.dir / "config.json"
+    if saved.exists():
+        try:
+            check_same_run(json.loads(saved.read_text()), resolved)
+        except json.JSONDecodeError:
+            raise UserError(f"cannot read {saved}: it is corrupt; start anew with --overwrite") from None
+    if not outputs.has_checkpoint():
+        log.info("--resume: %s has no checkpoint yet: the run starts from scratch", outputs.dir)
+        return None
+    checkpoint = outputs.load_checkpoint(processes)
+    try:
+        world.student.load_state_dict(checkpoint["student"])  # the loop loads it again, into the same module
+    except RuntimeError as err:
+        raise UserError(f"--resume: the checkpoint's student does not fit --student {cfg.student} "
+                        f"({str(err).splitlines()[0]}); pass the run's student or start anew with --overwrite"
+                        ) from None
+    return checkpoint
+
+
 @exits_cleanly
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_config(argv).resolved()
@@ -40,32 +65,40 @@ def main(argv: list[str] | None = None) -> int:
     from engine.loop import co_train
     from engine.memory import fit_memory_target
     from engine.outputs import RunOutputs, check_run_dir, live_display, prepare_run_dir
+    from engine.stopping import Stopped, stop_on_signals
     from engine.world import build_world
 
     accelerator = make_accelerator(cfg.device, cfg.mixed_precision)
-    if not accelerator.is_main_process:  # one voice: the other ranks report only problems
+    is_main = accelerator.is_main_process
+    if not is_main:  # one voice: the other ranks report only problems
         logging.getLogger().setLevel(logging.WARNING)
     run_dir = Path(cfg.run_dir)
-    check_run_dir(run_dir, cfg.resume, cfg.overwrite)  # read-only, on every rank: all fail alike or none does
-    world = build_world(cfg, accelerator.device)  # all user errors surface here, before any output is written
+    # Everything is validated before the run dir is touched, on every rank (reads only: all fail alike or none does).
+    check_run_dir(run_dir, cfg.resume, cfg.overwrite)
+    world = build_world(cfg, accelerator.device)
     cfg = fit_memory_target(cfg, world, accelerator)  # CUDA: measured --grad-chunk, recorded in config.json
-    if accelerator.is_main_process:
-        prepare_run_dir(run_dir, cfg.resume, cfg.overwrite)  # only now is an old run replaced (--overwrite)
-    accelerator.wait_for_everyone()
-    live, update = live_display() if accelerator.is_main_process else (None, None)
-    outputs = RunOutputs(run_dir, is_main=accelerator.is_main_process, live=update)
+    outputs = RunOutputs(run_dir, is_main=is_main)
     resolved = dataclasses.asdict(cfg) | {"argv": sys.argv[1:] if argv is None else argv,
                                           "device": str(accelerator.device),
                                           "teacher_checkpoint": world.teacher.checkpoint,
                                           "teacher_arch": world.teacher.arch}
-    outputs.write_config(resolved)
-    log.info("run dir %s on %s", run_dir, accelerator.device)
-    if live is not None:
-        with live:
-            summary = co_train(cfg, world, accelerator, outputs)
-    else:
-        summary = co_train(cfg, world, accelerator, outputs)
-    if accelerator.is_main_process:
+    checkpoint = None
+    if cfg.resume:
+        checkpoint = load_resume_checkpoint(cfg, world, outputs, resolved, accelerator.num_processes)
+    # The new run is known to start: only now is an old run replaced (--overwrite); the main process locks the dir.
+    with prepare_run_dir(run_dir, cfg.resume, cfg.overwrite) if is_main else contextlib.nullcontext():
+        accelerator.wait_for_everyone()
+        if cfg.resume:
+            outputs.truncate_metrics(checkpoint["state"]["student_step"] if checkpoint else 0)
+        outputs.write_config(resolved)
+        log.info("run dir %s on %s", run_dir, accelerator.device)
+        live, outputs.live = live_display() if is_main else (None, None)
+        try:
+            with stop_on_signals() as stop, live or contextlib.nullcontext():
+                summary = co_train(cfg, world, accelerator, outputs, checkpoint, stop)
+        except Stopped as stopped:
+            return stopped.exit_code
+    if is_main:
         print(json.dumps(summary))
     return 0
 
