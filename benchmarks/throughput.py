@@ -2,6 +2,7 @@
 
     python -m benchmarks.throughput                 # CUDA: SD-1.5-architecture UNet+VAE at 512 px, ResNet-34 teacher
     python -m benchmarks.throughput --cpu-sized     # CPU: the default world (28 px pixel DDPM, MNIST teacher)
+    python -m benchmarks.throughput --prior-resolution 256 --guidance-decoder tiny --compile   # issue 19's options
 
 (a) reference-style (the DiffDFKD/DM-KD scripts): batch 1, fp16 on CUDA, ``empty_cache()`` every step, generation
     then training, no overlap;
@@ -47,7 +48,7 @@ class _RandomPrompts(torch.nn.Module):
         return (torch.randn(len(prompts), 77, 768),)
 
 
-def sd15_prior(device, dtype, class_names):
+def sd15_prior(device, dtype, class_names, image_size=None):
     """An SD-1.5-architecture prior with random weights: UNet (860M) and VAE (84M) from their SD 1.5 configs."""
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 
@@ -60,7 +61,8 @@ def sd15_prior(device, dtype, class_names):
     scheduler = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
                               clip_sample=False, set_alpha_to_one=False)
     prompts = _RandomPrompts()
-    return StableDiffusionPrior(unet, vae, prompts, prompts, scheduler, class_names).to(device, dtype)
+    return StableDiffusionPrior(unet, vae, prompts, prompts, scheduler, class_names,
+                                image_size=image_size).to(device, dtype)
 
 
 def timed(fn, device) -> float:
@@ -86,6 +88,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=0, help="ours: micro-batch size (default 16 CUDA, 50 CPU)")
     parser.add_argument("--steps", type=int, default=10, help="sampler steps per image")
     parser.add_argument("--train-steps", type=int, default=1, help="student steps per denoising step")
+    parser.add_argument("--prior-resolution", type=int, default=0, help="SD: sample at this many px (0 = 512)")
+    parser.add_argument("--guidance-decoder", choices=["full", "tiny"], default="full",
+                        help="SD: x̂0 of the guided step from the VAE or a random-weight AutoencoderTiny (TAESD)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the prior's UNet and the student")
+    parser.add_argument("--no-channels-last", action="store_true", help="CUDA: keep the conv nets NCHW")
     parser.add_argument("--out", default=RESULTS_DIR / "throughput.json")
     args = parser.parse_args(argv)
 
@@ -97,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     from engine.replay_buffer import ReplayBuffer
     from engine.sampler import GuidanceConfig, GuidedSampler, TeacherView
     from engine.streams import StreamPair, copy_weights
+    from engine.world import frozen_dtype, speed_up, store_frozen
     from losses import WeightedSum
     from models.priors import load_prior
     from models.registry import build_classifier
@@ -113,12 +121,20 @@ def main(argv: list[str] | None = None) -> int:
     else:
         info = DatasetInfo("cifar10", tuple(f"class{i}" for i in range(10)), (0.5,) * 3, (0.25,) * 3, 32, 3)
         teacher = build_classifier("resnet34", 10, 3).to(device).eval().requires_grad_(False)
-        prior = sd15_prior(device, torch.bfloat16, info.class_names)
+        prior = sd15_prior(device, torch.bfloat16, info.class_names, args.prior_resolution or None)
+        if args.guidance_decoder == "tiny":
+            from diffusers import AutoencoderTiny
+
+            prior.set_guidance_decoder(AutoencoderTiny().to(device, torch.bfloat16))
         view = TeacherView(32, 3, info.mean, info.std).to(device)
         student = build_classifier("resnet18", 10, 3).to(device)
         batch = args.batch or 16
-        world = "SD-1.5-architecture UNet+VAE at 512 px (64x64 latents), resnet34 teacher at 32 px, random weights"
+        world = "SD-1.5-architecture UNet+VAE, resnet34 teacher at 32 px, random weights"
 
+    # As engine/world.py does: the frozen teacher in the compute dtype, channels_last on CUDA, opt-in compile.
+    store_frozen(teacher, frozen_dtype(device, "auto"))
+    speed_up(RunConfig(channels_last=not args.no_channels_last, compile=args.compile), device, prior, teacher, student)
+    world += f", prior {prior.image_size} px, guidance decoder {args.guidance_decoder}" + ", compiled" * args.compile
     config = GuidanceConfig(steps=args.steps, adv=1.0)
     sampler = GuidedSampler(prior, teacher, view, info.num_classes, config)
     cuda = device.type == "cuda"

@@ -57,13 +57,6 @@ class RunConfig:
                                                     "--guidance-decoder-path); final images always use the VAE")
     guidance_decoder_path: str = opt("", "folder or hub id of the diffusers AutoencoderTiny for --guidance-decoder "
                                      "tiny (e.g. madebyollin/taesd for SD 1.x/2.x and DiT)")
-    prior_resolution: int = opt(0, "sample the prior (SD, DiT, pixel) at this many px instead of its native size "
-                                "(e.g. 256 for SD 1.5 and a 32 px teacher; 0 = native)")
-    guidance_decoder: Literal["full", "tiny"] = opt("full", "decoder of x̂0 inside the guided step: the prior's VAE "
-                                                    "(full) or an AutoencoderTiny/TAESD (tiny, "
-                                                    "--guidance-decoder-path); final images always use the VAE")
-    guidance_decoder_path: str = opt("", "folder or hub id of the diffusers AutoencoderTiny for --guidance-decoder "
-                                     "tiny (e.g. madebyollin/taesd for SD 1.x/2.x and DiT)")
     # --- synthesis (SPEC §2) -------------------------------------------------------------------------------------
     bn: float = opt(0.1, "α: weight of the BN-statistics loss")
     cls: float = opt(10.0, "β: weight of the class-prior cross-entropy")
@@ -189,11 +182,6 @@ class RunConfig:
                             "goes (e.g. 'a photo of a {}')")
         if cfg.class_map:
             parse_class_map(cfg.class_map)
-        if cfg.prior_resolution < 0:
-            raise UserError(f"--prior-resolution must be >= 0 (got {cfg.prior_resolution}; 0 = native)")
-        if cfg.guidance_decoder == "tiny" and not cfg.guidance_decoder_path:
-            raise UserError("--guidance-decoder tiny needs --guidance-decoder-path (an AutoencoderTiny folder or hub "
-                            "id, e.g. madebyollin/taesd)")
         if cfg.resume and cfg.overwrite:
             raise UserError("--resume and --overwrite contradict each other; pass one")
         if cfg.method == "dmkd":  # DM-KD: plain prior samples, no teacher guidance (Li et al. 2023)

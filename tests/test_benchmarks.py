@@ -5,7 +5,7 @@ import importlib
 import pytest
 
 NAMES = ["accuracy", "ablations", "frontier", "fidelity", "teacher_strength", "guidance", "throughput", "step_costs",
-         "memory", "students"]
+         "memory", "students", "flops"]
 
 
 @pytest.mark.parametrize("name", NAMES)

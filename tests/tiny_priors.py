@@ -128,6 +128,16 @@ def save_tiny_sd(path: str | Path, size: int = 16) -> Path:
     return path
 
 
+def save_tiny_taesd(path: str | Path) -> Path:
+    """A tiny ``AutoencoderTiny`` (TAESD architecture) for the tiny SD/DiT latents: 4x8x8 <-> 3x16x16."""
+    from diffusers import AutoencoderTiny
+
+    torch.manual_seed(0)
+    AutoencoderTiny(encoder_block_out_channels=(8, 8), decoder_block_out_channels=(8, 8), num_encoder_blocks=(1, 1),
+                    num_decoder_blocks=(1, 1), latent_channels=4).save_pretrained(path)
+    return Path(path)
+
+
 def save_tiny_dit(path: str | Path, size: int = 16, id2label: dict[int, str] | None = None) -> Path:
     """A tiny DiT folder (transformer/ vae/ scheduler/ model_index.json), ``TINY_DIT_CLASSES`` classes + null."""
     from diffusers import DDIMScheduler, DiTPipeline, DiTTransformer2DModel
