@@ -201,7 +201,9 @@ def build_world(cfg: RunConfig, device: torch.device) -> World:
     check_device(cfg, device)
     test_set, info = load_dataset(cfg.dataset, "test", root=cfg.data_root or None)
     teacher, view = load_teacher(cfg, info, device)
-    student = resolve_classifier(cfg.student, info).model.to(device)
+    with torch.random.fork_rng(devices=[]):  # the student's initial weights are a function of --seed alone
+        torch.manual_seed(cfg.seed)
+        student = resolve_classifier(cfg.student, info).model.to(device)
     check_forward(cfg, teacher, student, info, view, device)
     check_buffer_fits(cfg, info, view, device)
     generator, prior = None, None
