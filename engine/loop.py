@@ -309,19 +309,19 @@ def student_step(cfg, student, plain_student, teacher, view, buffer, optimizer, 
     bn_state = [b.detach().clone() for b in plain_student.buffers()]
     with accelerator.autocast():
         with torch.no_grad():  # the teacher sees the student's augmented view unless its cached logits are used
-            teacher_logits, teacher_features = cached_logits, None
+            view_logits, teacher_features = None, None  # the teacher on the augmented view
             if use_msarc:
-                teacher_logits, teacher_features = teacher(x, return_features=True)
+                view_logits, teacher_features = teacher(x, return_features=True)
             elif cfg.teacher_logits == "recompute":
-                teacher_logits = teacher(x)
-            if cfg.teacher_logits == "cached":
-                teacher_logits = cached_logits
+                view_logits = teacher(x)
+            teacher_logits = cached_logits if cfg.teacher_logits == "cached" else view_logits
         student_out = student(x, return_features=use_msarc)
         student_logits, student_features = student_out if use_msarc else (student_out, None)
         terms = {"kl": kd_kl_loss(student_logits.float(), teacher_logits.float(), cfg.tau)}
         if use_msarc:
+            # The CAMs' top class comes from the same augmented view as the features (not the cached logits).
             terms["msarc"] = msarc_loss(student_features, teacher_features, plain_student.classifier_weight(),
-                                        teacher.classifier_weight(), teacher_logits)
+                                        teacher.classifier_weight(), view_logits)
         loss = kd_loss(terms)
     optimizer.zero_grad(set_to_none=True)
     accelerator.backward(loss)

@@ -215,3 +215,47 @@ def test_adversarial_term_turns_on_after_the_warmup_in_images(world, tmp_path, m
 def test_no_adv_never_turns_it_on(world, tmp_path, monkeypatch):
     rec, _, _ = record_run(world, tmp_path, monkeypatch, "--adv-warmup-images", "0", "--no-adv")
     assert not any(step["adv"] for tick in rec.ticks for step in tick["steps"])
+
+
+# --- the KD step -----------------------------------------------------------------------------------------------------
+def test_cached_logits_with_msarc_take_the_cam_class_from_the_augmented_view(world, tmp_path, monkeypatch):
+    """KL reads the cached logits; the CAMs of mSARC are built from the teacher's features on the augmented view,
+    so their top class must come from the teacher's logits on that same view, not from the cached ones."""
+    cfg = parse_config(world.argv(tmp_path / "run", "--teacher-logits", "cached")).resolved()
+    built = build_world(cfg, torch.device("cpu"))
+    teacher, student = built.teacher.model, built.student
+    buffer = ReplayBuffer(32, (1, 28, 28), 10)
+    images = torch.rand(32, 1, 28, 28)
+    cached = torch.full((32, 10), -5.0)
+    cached[:, 3] = 5.0  # every cached label says "3"
+    buffer.add(images, cached, torch.nn.functional.one_hot(torch.arange(32) % 10, 10).float(), torch.arange(32))
+    seen = {}
+    real_forward = teacher.forward
+
+    def forward(x, return_features=False):
+        out = real_forward(x, return_features=return_features)
+        if return_features:
+            seen["view_logits"] = out[0]
+        return out
+
+    def record_msarc(s_feats, t_feats, s_w, t_w, logits):
+        seen["msarc_logits"] = logits
+        return torch.zeros(()) + 0 * sum(f.sum() for f in s_feats)
+
+    real_kl = engine.loop.kd_kl_loss
+
+    def record_kl(student_logits, teacher_logits, tau):
+        seen["kl_logits"] = teacher_logits
+        return real_kl(student_logits, teacher_logits, tau)
+
+    monkeypatch.setattr(teacher, "forward", forward)
+    monkeypatch.setattr(engine.loop, "msarc_loss", record_msarc)
+    monkeypatch.setattr(engine.loop, "kd_kl_loss", record_kl)
+    optimizer = torch.optim.AdamW(student.parameters(), lr=1e-3)
+    kd = engine.loop.WeightedSum({"kl": 1.0, "msarc": 1.0})
+    terms = engine.loop.student_step(cfg, student, student, teacher, built.view, buffer, optimizer,
+                                     make_accelerator("cpu", "no"), kd, torch.Generator().manual_seed(0))
+    assert terms is not None
+    assert (seen["kl_logits"].argmax(1) == 3).all()  # KL: the cached soft labels
+    assert seen["msarc_logits"] is seen["view_logits"]  # CAM class: the view the features came from
+    assert (seen["view_logits"].argmax(1) != 3).any()  # the two disagree here, so the test can tell them apart
