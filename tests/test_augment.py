@@ -149,3 +149,15 @@ def test_random_flip_mirrors_whole_samples_and_student_augment_without_flip_only
         assert torch.equal(flipped[i], images[i]) or torch.equal(flipped[i], images[i].flip(-1))
     out = student_augment(images, pad=0, flip=False)
     assert torch.equal(out, images)
+
+
+def test_random_flip_mirrors_about_half_the_samples():
+    """A flip that never (or always) flips must fail: with a seeded generator some samples are mirrored, some not,
+    and exactly those the generator's draws pick."""
+    images = torch.rand(64, 1, 5, 5)
+    flipped = random_flip(images, torch.Generator().manual_seed(0))
+    mirrored = torch.tensor([torch.equal(flipped[i], images[i].flip(-1)) for i in range(64)])
+    assert 16 < int(mirrored.sum()) < 48
+    expected = torch.rand(64, generator=torch.Generator().manual_seed(0)) < 0.5
+    assert torch.equal(mirrored, expected)
+    assert torch.equal(flipped[~mirrored], images[~mirrored])

@@ -211,8 +211,8 @@ def test_dit_class_map_required_and_used(tmp_path, folders):
 
 @pytest.mark.parametrize("name, expected", [
     ("ddim", "DDIMScheduler"), ("ddpm", "DDPMScheduler"), ("dpm", "DPMSolverMultistepScheduler"),
-    ("euler", "EulerDiscreteScheduler"), ("pndm", "PNDMScheduler"),
-    ("UniPCMultistepScheduler", "UniPCMultistepScheduler"),
+    ("EulerDiscreteScheduler", "EulerDiscreteScheduler"), ("pndm", "PNDMScheduler"),
+    ("unipc", "UniPCMultistepScheduler"),
 ])
 def test_scheduler_by_name_keeps_the_saved_noise_schedule(folders, name, expected):
     prior = load_prior(folders["pixel"], PIXEL_NAMES, scheduler=name)
@@ -274,3 +274,16 @@ def test_default_world_prior_loads():
         eps = prior.predict_noise(z, torch.tensor([999, 500]), prior.condition([3, 7]), guidance_scale=2.0)
     assert eps.shape == z.shape and torch.isfinite(eps).all()
     assert prior.decode(z).shape == (2, 1, 28, 28)
+
+
+@pytest.mark.parametrize("kind", ["sd", "dit"])
+def test_latent_decode_and_encode_undo_the_vae_scaling_factor(priors, kind):
+    """z lives in the VAE's scaled latent space: decode divides by the scaling factor, encode multiplies by it."""
+    prior = priors[kind]
+    scale = prior.vae.config.scaling_factor
+    assert scale != 1.0  # otherwise a decoder that forgot to divide would pass
+    z = torch.randn(2, *prior.latent_shape)
+    with torch.no_grad():
+        torch.testing.assert_close(prior.decode(z), (prior.vae.decode(z / scale).sample + 1) / 2)
+        images = torch.rand(2, prior.image_channels, prior.image_size, prior.image_size)
+        torch.testing.assert_close(prior.encode(images), prior.vae.encode(images * 2 - 1).latent_dist.mean * scale)

@@ -84,3 +84,15 @@ def test_state_dict_round_trip(added):
     restored.add(*batch(100, 2))
     for mine, theirs in zip(buffer.contents(), restored.contents()):
         assert torch.equal(mine, theirs)
+
+
+def test_sample_is_uniform_over_every_stored_entry():
+    """Draws are uniform over the filled slots (not the newest entry, not a fixed few): the same indices as
+    ``torch.randint`` under the same generator, and over many draws every entry about equally often."""
+    buffer = ReplayBuffer(16, SHAPE, K)
+    buffer.add(*batch(0, 10))
+    _, logits, _ = buffer.sample(4000, torch.Generator().manual_seed(3))
+    expected = torch.randint(0, 10, (4000,), generator=torch.Generator().manual_seed(3))
+    assert torch.equal(logits[:, 0].long(), expected)
+    counts = torch.bincount(logits[:, 0].long(), minlength=10)
+    assert counts.min() > 300 and counts.max() < 500  # 400 each in expectation (binomial sd ≈ 19)

@@ -428,7 +428,10 @@ def test_mixed_class_batch(prior, teacher, view):
     labels = torch.tensor([2, 0, 1, 2, 1])
     images, logits, batch = make_sampler(prior, teacher, view, bn=0.1, steps=3).sample(labels, torch.arange(5))
     assert images.shape == (5, 1, 8, 8) and logits.shape == (5, 3)
-    assert torch.isfinite(images).all() and images.min() >= 0 and images.max() <= 1
+    # the images are the final latent decoded (clamped), and the logits the teacher's on exactly those images
+    torch.testing.assert_close(images, view.to_teacher_images(prior.decode(batch.z).clamp(0, 1)))
+    torch.testing.assert_close(logits, teacher(view.normalize(images)))
+    assert images.std() > 0.05  # not a constant image
     assert torch.equal(batch.labels, labels)
     assert torch.equal(batch.label_weights, F.one_hot(labels, 3).float())
 
@@ -465,7 +468,7 @@ def test_latent_priors_guidance_flows_through_the_vae_decoder(latent_priors, kin
 
 
 def test_non_variance_preserving_scheduler_is_refused(pixel_folder, teacher, view):
-    euler = load_prior(pixel_folder, CLASSES, scheduler="euler")
+    euler = load_prior(pixel_folder, CLASSES, scheduler="EulerDiscreteScheduler")
     with pytest.raises(ValueError, match="not variance-preserving"):
         make_sampler(euler, teacher, view)
 
