@@ -36,26 +36,33 @@ def is_disk_full(err: BaseException) -> bool:
 
 
 @contextlib.contextmanager
+def reporting_disk_full(path: Path) -> Iterator[None]:
+    """Running out of space while writing ``path`` becomes a one-line :class:`DiskFull`."""
+    try:
+        yield
+    except (OSError, RuntimeError) as err:
+        if not is_disk_full(err):
+            raise
+        raise DiskFull(f"no space left on {path.parent} (writing {path.name})") from None
+
+
+@contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temp path beside ``path``; on success it is fsynced and renamed over ``path``. Running out of space
-    is a :class:`DiskFull` error."""
+    """Yield a temp path beside ``path``; on success it is fsynced and renamed over ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp)
     try:
-        yield tmp
-        # mkstemp makes 0600, and some writers (safetensors) replace the file with their own 0600 temp file: the
-        # finished file gets the usual permissions.
-        os.chmod(tmp, 0o666 & ~_umask())
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except (OSError, RuntimeError) as err:
-        if not is_disk_full(err):
-            raise
-        raise DiskFull(f"no space left on {path.parent} (writing {path.name})") from None
+        with reporting_disk_full(path):
+            yield tmp
+            # mkstemp makes 0600, and some writers (safetensors) replace the file with their own 0600 temp file: the
+            # finished file gets the usual permissions.
+            os.chmod(tmp, 0o666 & ~_umask())
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -69,7 +76,8 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     os.chmod(tmp, 0o777 & ~_umask())
     old = path.with_name(f".{path.name}.old")
     try:
-        yield tmp
+        with reporting_disk_full(path):
+            yield tmp
         shutil.rmtree(old, ignore_errors=True)
         if path.exists():
             os.replace(path, old)

@@ -26,6 +26,7 @@ from engine.checkpoints import (
     atomic_torch_save,
     atomic_write_json,
     atomic_write_text,
+    reporting_disk_full,
 )
 from engine.errors import UserError
 from engine.replay_buffer import ReplayBuffer
@@ -136,7 +137,8 @@ class RunOutputs:
     def log(self, line: dict) -> None:
         if not self.is_main:
             return
-        with open(self.dir / "metrics.jsonl", "a") as f:  # append-only: a partial last line is the worst case
+        path = self.dir / "metrics.jsonl"
+        with reporting_disk_full(path), open(path, "a") as f:  # append-only: a partial last line is the worst case
             f.write(json.dumps(line) + "\n")
         if self.live is not None:
             self.live(line)

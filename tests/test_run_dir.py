@@ -18,7 +18,9 @@ from torch import nn
 
 import engine.checkpoints
 import engine.loop
-from engine.checkpoints import atomic_save_safetensors, atomic_write_json
+import engine.outputs
+from engine.checkpoints import DiskFull, atomic_save_safetensors, atomic_write_json
+from engine.outputs import RunOutputs
 from engine.run import main
 from tests.conftest import run_main
 
@@ -170,6 +172,15 @@ def test_a_full_disk_keeps_the_last_checkpoint(world, tmp_path, capsys, monkeypa
     checkpoint = torch.load(run_dir / "checkpoint.pt", weights_only=False)  # the first one, whole
     assert checkpoint["state"]["tick"] == 2
     assert not list(run_dir.glob(".*.tmp"))
+
+
+def test_a_full_disk_while_logging_is_one_line(tmp_path, monkeypatch):
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(engine.outputs, "open", full, raising=False)
+    with pytest.raises(DiskFull, match=r"no space left on .* \(writing metrics.jsonl\)"):
+        RunOutputs(tmp_path).log({"student_step": 1})
 
 
 def test_outputs_get_the_usual_file_mode(tmp_path):
