@@ -180,8 +180,9 @@ class RunOutputs:
             raise UserError(f"{path} is not a checkpoint of this engine (no {', '.join(sorted(missing))}); "
                             "start anew with --overwrite")
         if len(ckpt["ranks"]) != ranks:
-            raise UserError(f"{path} was written by {len(ckpt['ranks'])} processes; resume it with "
-                            f"--num_processes {len(ckpt['ranks'])}")
+            n = len(ckpt["ranks"])
+            raise UserError(f"{path} was written by {n} processes; resume it with as many: "
+                            f"accelerate launch --num_processes {n} or torchrun --nproc_per_node {n}")
         return ckpt
 
     # --- final outputs --------------------------------------------------------------------------------------------

@@ -23,9 +23,17 @@ log = logging.getLogger("engine.run")
 
 
 def make_accelerator(device: str, mixed_precision: str):
+    """The Accelerator for --device and --mixed-precision; what accelerate would silently replace is refused (CUDA
+    where there is none, fp16 autocast on the CPU)."""
     from accelerate import Accelerator
 
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {device}: CUDA is not available here; use --device cpu (or auto)")
+    if device.startswith("cuda:") and int(device[5:]) >= torch.cuda.device_count():
+        raise UserError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
+    if cpu and mixed_precision == "fp16":
+        raise UserError("--mixed-precision fp16 needs CUDA and this run is on the CPU; use bf16 or no")
     if mixed_precision == "auto":
         mixed_precision = "no" if cpu else "bf16"
     return Accelerator(cpu=cpu, mixed_precision=mixed_precision)

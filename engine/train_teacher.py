@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from augment.student_augment import random_crop
 from engine.checkpoints import atomic_save_safetensors, atomic_write_json
 from engine.datasets import as_tensors, load_dataset
-from engine.errors import exits_cleanly
+from engine.errors import UserError, exits_cleanly
 from engine.evaluate import accuracy
 from engine.logs import setup_logging
 from models.base import count_parameters
@@ -30,13 +30,16 @@ log = logging.getLogger(__name__)
 
 
 def train_classifier(arch: str, dataset: str, split: str, epochs: float, batch_size: int = 128, lr: float = 3e-3,
-                     seed: int = 0, shift: int = 2, limit: int | None = None):
+                     seed: int = 0, shift: int = 2, limit: int | None = None, root: str | None = None):
     torch.manual_seed(seed)
-    train_set, info = load_dataset(dataset, split)
+    train_set, info = load_dataset(dataset, split, root=root)
     images, labels = as_tensors(train_set, limit)
     mean = torch.tensor(info.mean).view(1, -1, 1, 1)
     std = torch.tensor(info.std).view(1, -1, 1, 1)
-    model = build_classifier(arch, info.num_classes, info.channels)
+    try:
+        model = build_classifier(arch, info.num_classes, info.channels)
+    except (KeyError, ValueError) as err:
+        raise UserError(f"--arch {arch}: {err.args[0]}") from None
     steps = max(1, int(epochs * len(images) / batch_size))
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps)
@@ -68,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", default="convnet-w64")
     parser.add_argument("--dataset", default="mnist")
+    parser.add_argument("--data-root", default=None, help="root of locally downloaded datasets (default: $DFKD_DATA)")
     parser.add_argument("--split", default="trainval", help="train split (mnist: trainval = the standard 60k)")
     parser.add_argument("--epochs", type=float, default=3.0)
     parser.add_argument("--batch-size", type=int, default=128)
@@ -78,8 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     setup_logging()
     model, provenance = train_classifier(args.arch, args.dataset, args.split, args.epochs, args.batch_size, args.lr,
-                                         args.seed, limit=args.limit)
-    test_set, info = load_dataset(args.dataset, "test")
+                                         args.seed, limit=args.limit, root=args.data_root)
+    test_set, info = load_dataset(args.dataset, "test", root=args.data_root)
     provenance["test_accuracy"] = accuracy(model, test_set, info)
     provenance["command"] = "python -m engine.train_teacher " + " ".join(argv if argv is not None else sys.argv[1:])
     atomic_save_safetensors(model.state_dict(), args.out.with_suffix(".safetensors"))

@@ -138,16 +138,6 @@ def guided_sampler(cfg: RunConfig, info: DatasetInfo, teacher: ClassifierSpec, v
         raise UserError(f"--scheduler {cfg.scheduler}: {err}") from None
 
 
-def check_device(cfg: RunConfig, device: torch.device) -> None:
-    """Refuse what accelerate would silently replace: CUDA where there is none, fp16 autocast on the CPU."""
-    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {cfg.device}: CUDA is not available here; use --device cpu (or auto)")
-    if cfg.device.startswith("cuda:") and int(cfg.device[5:]) >= torch.cuda.device_count():
-        raise UserError(f"--device {cfg.device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    if device.type == "cpu" and cfg.mixed_precision == "fp16":
-        raise UserError("--mixed-precision fp16 needs CUDA and this run is on the CPU; use bf16 or no")
-
-
 def check_buffer_fits(cfg: RunConfig, info: DatasetInfo, view: TeacherView, device: torch.device) -> None:
     """The replay buffer is allocated whole at the start: refuse one larger than the device's memory (ranks on one
     machine share its RAM, so the whole buffer is compared)."""
@@ -198,7 +188,6 @@ def check_forward(cfg: RunConfig, teacher: ClassifierSpec, student: nn.Module, i
 
 
 def build_world(cfg: RunConfig, device: torch.device) -> World:
-    check_device(cfg, device)
     test_set, info = load_dataset(cfg.dataset, "test", root=cfg.data_root or None)
     teacher, view = load_teacher(cfg, info, device)
     with torch.random.fork_rng(devices=[]):  # the student's initial weights are a function of --seed alone

@@ -38,13 +38,14 @@ from torch import nn
 
 log = logging.getLogger(__name__)
 
-# Short scheduler names; any other diffusers scheduler class name is accepted too.
+# Short names of the schedulers guidance can use (variance-preserving): the one list that --help and the errors
+# show. Any other diffusers scheduler class name is accepted too.
 SCHEDULERS = {
     "ddim": "DDIMScheduler",
     "ddpm": "DDPMScheduler",
     "dpm": "DPMSolverMultistepScheduler",
-    "euler": "EulerDiscreteScheduler",
     "pndm": "PNDMScheduler",
+    "unipc": "UniPCMultistepScheduler",
 }
 # model_index.json `_class_name` -> prior kind; unknown pipelines fall back to their component names.
 PIPELINE_KINDS = {
@@ -207,8 +208,10 @@ class DiffusionPrior(nn.Module):
         call again with the same value."""
         if enabled == self.gradient_checkpointing:
             return
-        for name in self.checkpointable:
-            network = getattr(self, name)
+        networks = [getattr(self, name) for name in self.checkpointable]
+        if getattr(self, "guidance_decoder", None) is not None:  # the decoder the gradient crosses instead of the VAE
+            networks.append(self.guidance_decoder)
+        for network in networks:
             if enabled:
                 network.enable_gradient_checkpointing()
             else:
@@ -582,7 +585,7 @@ def load_guidance_decoder(
                                                local_files_only=local_files_only)
     except Exception as err:  # hub, file and config errors come in many types
         if isinstance(source, str):
-            raise _hub_error(source, err) from err
+            raise _hub_error(source, err, local_files_only) from err
         reason = (str(err).strip().splitlines() or [""])[0][:200]
         raise PriorLoadError(f"cannot load the guidance decoder (AutoencoderTiny) from {source}: "
                              f"{type(err).__name__}: {reason}") from err
@@ -647,9 +650,9 @@ def resolve_class_map(
                 log.warning("teacher class names do not match the prior's labels; assuming class i = prior class i")
             return list(range(len(class_names)))
         raise PriorLoadError(f"the prior has {num_prior_classes} classes and the teacher {len(class_names)}: pass "
-                             "class_map (teacher class index or name -> prior class id), e.g. {0: 404, 1: 817}")
-    if isinstance(class_map, Mapping):
-        by_key = {(class_names.index(k) if isinstance(k, str) and k in class_names else k): v
+                             'class_map (teacher class index or name -> prior class id), e.g. {"0": 404, "1": 817}')
+    if isinstance(class_map, Mapping):  # JSON keys are strings: "3" is teacher class 3 unless a class is named "3"
+        by_key = {(class_names.index(k) if k in class_names else int(k) if str(k).isdigit() else k): v
                   for k, v in class_map.items()}
         missing = [n for i, n in enumerate(class_names) if i not in by_key]
         if missing:
@@ -699,14 +702,18 @@ def _resolve_source(spec: str | os.PathLike) -> str | Path:
     return text
 
 
-def _hub_error(repo: str, err: BaseException) -> PriorLoadError:
+def _hub_error(repo: str, err: BaseException, local_files_only: bool) -> PriorLoadError:
     """One line: which id failed and why, and the two ways out (a local folder, or fixing hub access)."""
     from huggingface_hub.errors import LocalEntryNotFoundError
 
-    if isinstance(err, LocalEntryNotFoundError):  # offline (local_files_only) and not in the cache
+    if isinstance(err, LocalEntryNotFoundError) and local_files_only:  # HF_HUB_OFFLINE and not in the cache
         return PriorLoadError(f"could not load hub id '{repo}': no local folder of that name and not in the Hugging "
-                              "Face cache while offline; pass a local folder (save_pretrained layout), or unset "
-                              "HF_HUB_OFFLINE where the network is reachable")
+                              "Face cache, and HF_HUB_OFFLINE is set; pass a local folder (save_pretrained layout), "
+                              "or unset HF_HUB_OFFLINE where the network is reachable")
+    if isinstance(err, LocalEntryNotFoundError):  # what huggingface_hub raises when the Hub cannot be reached
+        return PriorLoadError(f"could not load hub id '{repo}': no local folder of that name, not in the Hugging Face "
+                              "cache, and the Hub could not be reached; pass a local folder (save_pretrained layout), "
+                              "or check the network")
     reason = (str(err).strip().splitlines() or [""])[0][:160]
     return PriorLoadError(f"could not load hub id '{repo}' ({type(err).__name__}: {reason}); pass a local folder "
                           "(save_pretrained layout), or set HF_HUB_OFFLINE=1 to use the local cache, or check the "
@@ -722,28 +729,37 @@ def _from_pretrained(loader, source: str | Path, subfolder: str, **kwargs) -> An
         return loader(str(source), subfolder=subfolder, **kwargs)
     except Exception as err:  # hub, network, file and config errors come in many types
         if isinstance(source, str):
-            raise _hub_error(source, err) from err
+            raise _hub_error(source, err, kwargs.get("local_files_only", False)) from err
         reason = (str(err).strip().splitlines() or [""])[0][:200]
         message = f"cannot load the {what} from {source / subfolder}: {type(err).__name__}: {reason}"
         raise PriorLoadError(message) from err
 
 
 def _read_json(source: str | Path, filename: str, local_files_only: bool) -> dict[str, Any] | None:
-    """A JSON file of the folder or hub repo, ``None`` when it does not exist there."""
+    """A JSON object of the folder or hub repo, ``None`` when the file does not exist there."""
     if isinstance(source, Path):
         path = source / filename
-        return json.loads(path.read_text()) if path.is_file() else None
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+        if not path.is_file():
+            return None
+    else:
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 
+        try:
+            path = Path(hf_hub_download(source, filename, local_files_only=local_files_only))
+        except LocalEntryNotFoundError as err:  # offline or unreachable, not cached: "absent" is unknowable
+            raise _hub_error(source, err, local_files_only) from err
+        except EntryNotFoundError:
+            return None
+        except Exception as err:  # unknown repo, network down, ...
+            raise _hub_error(source, err, local_files_only) from err
     try:
-        return json.loads(Path(hf_hub_download(source, filename, local_files_only=local_files_only)).read_text())
-    except LocalEntryNotFoundError as err:  # offline and not cached: cannot tell "absent" from "unreachable"
-        raise _hub_error(source, err) from err
-    except EntryNotFoundError:
-        return None
-    except Exception as err:  # unknown repo, network down, ...
-        raise _hub_error(source, err) from err
+        value = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise PriorLoadError(f"cannot read {path} ({type(err).__name__}: {err}); fix or delete it") from None
+    if not isinstance(value, dict):
+        raise PriorLoadError(f"{path} is not a JSON object (it holds a {type(value).__name__}); fix or delete it")
+    return value
 
 
 def _square(size: int | Sequence[int], what: str) -> int:

@@ -67,16 +67,19 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
 
-            return load_file(str(path))
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+            obj = load_file(str(path))
+        else:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # corrupt or truncated files raise many different errors
         raise CheckpointError(f"cannot read checkpoint {path} ({type(err).__name__}); is it a complete file?") from err
     for key in ("state_dict", "model", "student"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
             break
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise CheckpointError(f"{path} holds no state_dict (expected a dict of tensors or {{'state_dict': ...}})")
+    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        empty = " (it is empty)" if obj == {} else ""
+        raise CheckpointError(f"{path} holds no state_dict{empty}; expected a dict of tensors or "
+                              "{'state_dict': ...}")
     return {k.removeprefix("module."): v for k, v in obj.items()}
 
 
