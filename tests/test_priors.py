@@ -16,6 +16,7 @@ from models.priors import (
     StableDiffusionPrior,
     encode_prompts,
     load_prior,
+    resolve_class_map,
 )
 from tests.tiny_priors import TINY_DIT_CLASSES, save_tiny_dit, save_tiny_pixel_prior, save_tiny_sd
 
@@ -207,6 +208,12 @@ def test_dit_class_map_required_and_used(tmp_path, folders):
                                                          3: "tiger shark", 4: "hammerhead"})
     prior = load_prior(named, ["goldfish", "Tench", "hammerhead"])
     assert prior.condition([0, 1, 2]).cond.tolist() == [1, 0, 4]
+
+
+def test_json_class_map_keys():
+    """A JSON object's keys are strings: "1" is teacher class 1, unless a teacher class is named "1"."""
+    assert resolve_class_map(["airplane", "ship"], {"0": 3, "1": 1}, 5) == [3, 1]
+    assert resolve_class_map(["1", "0"], {"0": 3, "1": 4}, 5) == [4, 3]
 
 
 @pytest.mark.parametrize("name, expected", [
