@@ -9,6 +9,11 @@ never used for selection).
 Rows: teacher; student from scratch on real data; real-data KD; DeepInversion; DM-KD; DiffDFKD offline; ours online.
 Each engine run is a subprocess ``python -m engine.run ...`` exactly as a user would type it; its run directory is
 kept under ``--runs`` so every number can be traced to its config.json and metrics.jsonl.
+
+Every method row carries its counted work (``benchmarks.compute``: FLOPs per generated image and per student step,
+prior forwards per image, the run's total) and wall time. ``--equal-compute`` methods (default: DM-KD and
+DeepInversion) are also run with the number of images that ours-online's total FLOPs buy them at the same student
+steps: the ``equal_compute`` rows.
 """
 
 from __future__ import annotations
@@ -19,16 +24,11 @@ import sys
 from pathlib import Path
 
 from benchmarks.common import RESULTS_DIR, run_metadata, write_results
+from benchmarks.compute import METHOD_FLAGS, images_at_equal_compute, method_cost, run_flops
 from benchmarks.engine_runs import budget_flags, budget_parser, budget_record, run_engines, seed_rows
 from engine.config import RunConfig
 
-METHODS = {
-    "real-kd": ["--method", "real-kd"],
-    "deepinv": ["--method", "deepinv"],
-    "dmkd": ["--method", "dmkd"],
-    "diffdfkd-offline": ["--method", "diffdfkd", "--schedule", "offline"],
-    "ours-online": ["--method", "diffdfkd", "--schedule", "online"],
-}
+METHODS = METHOD_FLAGS
 
 
 def scratch_student(args, seed: int, out: Path, reuse: bool) -> dict:
@@ -48,6 +48,8 @@ def main(argv: list[str] | None = None) -> int:
                            out=RESULTS_DIR / "accuracy.json")
     parser.add_argument("--methods", nargs="+", default=["scratch-real", *METHODS],
                         choices=["scratch-real", *METHODS])
+    parser.add_argument("--equal-compute", nargs="*", default=["dmkd", "deepinv"], choices=list(METHODS),
+                        help="methods also run at ours-online's counted FLOPs (more or fewer images, same steps)")
     args = parser.parse_args(argv)
 
     teacher = json.loads(subprocess.run([sys.executable, "-m", "engine.evaluate", "--teacher", "default",
@@ -66,11 +68,30 @@ def main(argv: list[str] | None = None) -> int:
         rows[name] = [next(summaries) for _ in args.seeds]
     for name, runs in rows.items():
         results["methods"][name] = seed_rows(runs, args.seeds)
+    costs = {name: method_cost([*METHODS[name], *budget])
+             for name in METHODS if name in {*engine_methods, *args.equal_compute, "ours-online"}}
+    for name in engine_methods:
+        results["methods"][name]["compute"] = costs[name] | {
+            "total_flops": run_flops(costs[name], args.images, args.student_steps)}
+
+    # Equal compute: the images that ours-online's total FLOPs buy each method, at the same student steps.
+    ours_total = run_flops(costs["ours-online"], args.images, args.student_steps)
+    equal = {name: images_at_equal_compute(costs[name], ours_total, args.student_steps)
+             for name in args.equal_compute}
+    jobs = [(f"{name}@ours-compute", [*METHODS[name], "--seed", str(seed), *budget, "--images", str(equal[name])],
+             args.runs / f"{name}-eqc-s{seed}") for name in equal for seed in args.seeds]
+    summaries = iter(run_engines(jobs, args.reuse, args.jobs))
+    results["equal_compute"] = {}
+    for name, images in equal.items():
+        row = seed_rows([next(summaries) for _ in args.seeds], args.seeds)
+        results["equal_compute"][name] = row | {"images": images, "compute": costs[name] | {
+            "total_flops": run_flops(costs[name], images, args.student_steps)}}
     results["budget"] = budget_record(args)
     write_results(results | run_metadata("benchmarks.accuracy", argv), args.out)
-    for name, entry in results["methods"].items():
-        s = entry["last_mean_std"]
-        print(f"{name:18s} {100 * s['mean']:6.2f} ± {100 * s['std']:.2f}")
+    for group in ("methods", "equal_compute"):
+        for name, entry in results[group].items():
+            s = entry["last_mean_std"]
+            print(f"{group:13s} {name:18s} {100 * s['mean']:6.2f} ± {100 * s['std']:.2f}")
     return 0
 
 

@@ -1,0 +1,109 @@
+"""The work a run of each method does, counted (issue 13: compute-matched comparisons).
+
+    python -m benchmarks.compute [--extra FLAGS...]      # prints a JSON object, one entry per method
+
+For a method's resolved config (the engine's own world, weights and code; CPU), counted with torch's
+FlopCounterMode (matmuls and convolutions, forward and backward):
+
+    gen_flops_per_image   one whole micro-batch from noise to cached teacher logits, divided by its size: every
+                          sampler step (CFG, the latent gradient through UNet and decoder, ε̂ recomputed, CutMix and
+                          repair), or every DeepInversion iteration, with L_adv on against a student, as after the
+                          warm-up; for real-data KD the teacher's logits on the real image
+    kd_flops_per_step     one student update (teacher on the augmented view, KL + mSARC, backward)
+    prior_forwards_per_image   gen_flops_per_image in units of one single-branch prior forward on one image
+
+``run_flops(cost, images, student_steps)`` is the run's total; ``images_at_equal_compute`` solves for the image count
+that gives another method the same total at the same student steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+
+import torch
+
+from benchmarks.flops import counted
+from engine.config import parse_config
+from engine.loop import micro_batch, student_step
+from engine.replay_buffer import ReplayBuffer
+from engine.run import make_accelerator
+from engine.world import build_world
+from losses import WeightedSum
+
+METHOD_FLAGS = {
+    "real-kd": ["--method", "real-kd"],
+    "deepinv": ["--method", "deepinv"],
+    "dmkd": ["--method", "dmkd"],
+    "diffdfkd-offline": ["--method", "diffdfkd", "--schedule", "offline"],
+    "ours-online": ["--method", "diffdfkd", "--schedule", "online"],
+}
+
+
+def method_cost(flags: list[str]) -> dict:
+    """FLOPs per generated image and per student step for the engine run that ``flags`` describe."""
+    cfg = parse_config(["--device", "cpu", *flags]).resolved()
+    torch.manual_seed(0)
+    world = build_world(cfg, torch.device("cpu"))
+    teacher, view, generator = world.teacher.model, world.view, world.generator
+    labels, seeds = micro_batch(cfg, 0, world.info.num_classes)
+    student = copy.deepcopy(world.student).eval().requires_grad_(False)  # the generator's snapshot
+    cost = {}
+    if generator is None:  # real-data KD: the teacher labels each real image once
+        images = torch.rand(len(labels), view.channels, view.size, view.size)
+        with torch.no_grad():
+            cost["gen_flops_per_image"] = counted(lambda: teacher(view.normalize(images))) / len(labels)
+    else:
+        if cfg.adv > 0:
+            generator.set_weights(adv=cfg.adv)
+
+        def synthesize():
+            batch = generator.start(labels, seeds)
+            while not batch.done:
+                generator.step(batch, student)
+            return generator.finish(batch)
+
+        made = []
+        cost["gen_flops_per_image"] = counted(lambda: made.append(synthesize()[0])) / len(labels)
+        images = made[0]
+        if world.prior is not None:
+            prior = world.prior
+            z = torch.randn(len(labels), *prior.latent_shape)
+            cond = prior.condition(labels)
+            with torch.no_grad():
+                single = counted(lambda: prior.predict_noise(z, prior.scheduler.timesteps[0], cond, 1.0))
+            cost["prior_forwards_per_image"] = cost["gen_flops_per_image"] / (single / len(labels))
+    buffer = ReplayBuffer(len(labels), tuple(images.shape[1:]), world.info.num_classes)
+    with torch.no_grad():
+        logits = teacher(view.normalize(images))
+    buffer.add(images, logits, torch.nn.functional.one_hot(labels, world.info.num_classes).float(), seeds)
+    optimizer = torch.optim.AdamW(world.student.parameters(), lr=cfg.lr)
+    kd_loss = WeightedSum({"kl": 1.0, "msarc": cfg.msarc}, name="L_kd")
+    accelerator = make_accelerator("cpu", "no")
+    cost["kd_flops_per_step"] = counted(lambda: student_step(
+        cfg, world.student, world.student, teacher, view, buffer, optimizer, accelerator, kd_loss,
+        torch.Generator().manual_seed(0)))
+    return cost
+
+
+def run_flops(cost: dict, images: int, student_steps: int) -> float:
+    return images * cost["gen_flops_per_image"] + student_steps * cost["kd_flops_per_step"]
+
+
+def images_at_equal_compute(cost: dict, total_flops: float, student_steps: int) -> int:
+    """Images whose synthesis, with ``student_steps`` KD steps, costs ``total_flops``."""
+    return max(1, int((total_flops - student_steps * cost["kd_flops_per_step"]) // cost["gen_flops_per_image"]))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--methods", nargs="+", choices=list(METHOD_FLAGS), default=list(METHOD_FLAGS))
+    parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="engine flags for every method")
+    args = parser.parse_args(argv)
+    print(json.dumps({name: method_cost([*METHOD_FLAGS[name], *args.extra]) for name in args.methods}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
