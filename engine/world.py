@@ -98,15 +98,22 @@ def load_teacher(cfg: RunConfig, info: DatasetInfo, device: torch.device) -> tup
 
 def store_frozen(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     """A frozen classifier's weights in ``dtype`` (no-op for float32). BatchNorm layers stay float32: their running
-    statistics are L_bn's targets. A pre-hook casts floating inputs, for callers outside autocast."""
+    statistics are L_bn's targets. Hooks cast floating inputs to ``dtype`` and outputs (logits, features) back to
+    float32, so callers outside autocast work and cached logits (replay buffer, labels.pt) stay float32."""
     if dtype == torch.float32:
         return model
     model.to(dtype)
     for module in model.modules():
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
             module.float()
-    model.register_forward_pre_hook(
-        lambda _, args: tuple(a.to(dtype) if torch.is_tensor(a) and a.is_floating_point() else a for a in args))
+
+    def cast(x, to: torch.dtype):
+        if torch.is_tensor(x):
+            return x.to(to) if x.is_floating_point() else x
+        return type(x)(cast(v, to) for v in x) if isinstance(x, (tuple, list)) else x
+
+    model.register_forward_pre_hook(lambda _, args: cast(args, dtype))
+    model.register_forward_hook(lambda _, __, out: cast(out, torch.float32))
     return model
 
 
