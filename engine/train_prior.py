@@ -1,9 +1,12 @@
-"""Train the default world's diffusion prior: a class-conditional pixel DDPM on scikit-learn's digits only.
+"""Train an embedded world's diffusion prior: a class-conditional pixel DDPM on data the teacher never saw.
 
-The prior must never see the teacher's data (SPEC §7): it learns the *concept* of each digit from 1,797 UCI 8x8
-scans (upsampled, thick and blurry), the way Stable Diffusion knows "airplane" without having seen CIFAR-10.
+The prior must never see the teacher's data (SPEC §7). The digits world's prior learns the *concept* of each digit
+from 1,797 UCI 8x8 scans (upsampled, thick and blurry), the way Stable Diffusion knows "airplane" without having
+seen CIFAR-10; the fashion world's prior learns from half B of Fashion-MNIST's train set, the teacher from half A.
 
-    python -m engine.train_prior --steps 2500 --out models/weights/prior-digits
+    python -m engine.train_prior --steps 1200 --out models/weights/prior-digits
+    python -m engine.train_prior --dataset fashion-mnist --split half-b --jitter-copies 0 --batch-size 64 \
+        --steps 2000 --out models/weights/prior-fashion
 
 Writes a diffusers folder (``unet/``, ``scheduler/``), ``provenance.json`` and, with the sampler, a samples grid.
 """
@@ -24,9 +27,10 @@ from diffusers import DDPMScheduler, UNet2DModel
 from torchvision.transforms import v2
 
 from engine.checkpoints import atomic_dir
-from engine.datasets import load_dataset
+from engine.datasets import load_dataset, split_provenance
 from engine.errors import exits_cleanly
 from engine.logs import setup_logging
+from engine.train_teacher import machine_record
 
 log = logging.getLogger(__name__)
 NULL_CLASS = 10  # the extra class embedding used for classifier-free guidance
@@ -61,10 +65,13 @@ def train_prior(
     steps: int, batch_size: int = 128, lr: float = 1e-3, ema_decay: float = 0.995, label_dropout: float = 0.1,
     seed: int = 0,
     jitter_copies: int = 16,
+    dataset: str = "digits",
+    split: str = "all",
 ) -> tuple[UNet2DModel, DDPMScheduler, dict]:
     torch.manual_seed(seed)
-    dataset, info = load_dataset("digits", "all")
-    images, labels = dataset.tensors()
+    data_record = split_provenance(dataset, split)
+    train_set, info = load_dataset(dataset, split)
+    images, labels = train_set.tensors()
     images = images * 2 - 1  # the UNet works in [-1, 1]
     unet, scheduler = build_prior_unet(info.num_classes), build_prior_scheduler()
     ema = copy.deepcopy(unet).requires_grad_(False)
@@ -72,7 +79,8 @@ def train_prior(
     warmup = min(100, steps // 10)
     lr_at = lambda s: min(1.0, (s + 1) / max(warmup, 1)) * 0.5 * (1 + math.cos(math.pi * s / steps))  # noqa: E731
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_at)
-    # Small geometric jitter: the digits are few (1,797), the prior should not memorise their exact placement.
+    # Small geometric jitter: the digits are few (1,797), the prior should not memorise their exact placement
+    # (the 30k Fashion-MNIST images of a half need none: --jitter-copies 0).
     # A pool of jittered copies is drawn once (per-image affine calls would dominate a CPU step).
     jitter = v2.RandomAffine(degrees=10, translate=(0.08, 0.08), scale=(0.9, 1.1), fill=-1.0)
     pool = torch.cat([images] + [torch.stack([jitter(img) for img in images]) for _ in range(jitter_copies)])
@@ -96,16 +104,20 @@ def train_prior(
         if (step + 1) % 100 == 0:
             log.info("step %d/%d  loss %.4f  %.2f s/step", step + 1, steps, sum(losses[-100:]) / 100,
                      (time.time() - start) / (step + 1))
+    if data_record["dataset"] == "digits":
+        data = "scikit-learn load_digits (1,797 UCI 8x8 digits), bilinear 8->20 px, padded to 28x28; no MNIST"
+    else:
+        data = f"{data_record['dataset']} split {split}: {len(images)} images"
     provenance = {
-        "data": "scikit-learn load_digits (1,797 UCI 8x8 digits), bilinear 8->20 px, padded to 28x28; no MNIST",
+        "data": data, **{k: v for k, v in data_record.items() if k != "dataset"}, "train_images": len(images),
         "augmentation": f"RandomAffine(degrees=10, translate=0.08, scale=0.9-1.1), {jitter_copies} jittered copies"
-                        " + originals",
+                        " + originals" if jitter_copies else "none",
         "steps": steps, "batch_size": batch_size, "lr": lr, "optimizer": "AdamW wd=1e-4, warmup + cosine",
         "ema_decay": ema_decay, "label_dropout": label_dropout, "null_class": NULL_CLASS, "seed": seed,
         "final_loss_last100": sum(losses[-100:]) / max(len(losses[-100:]), 1),
-        "train_seconds": round(time.time() - start, 1), "threads": torch.get_num_threads(),
+        "train_seconds": round(time.time() - start, 1), "threads": torch.get_num_threads(), **machine_record(),
         "parameters": sum(p.numel() for p in unet.parameters()), "class_names": list(info.class_names),
-        "dataset": "digits",
+        "dataset": data_record["dataset"],
     }
     return ema, scheduler, provenance
 
@@ -142,6 +154,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=2500)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dataset", default="digits", help="the prior's data (never the teacher's)")
+    parser.add_argument("--split", default="all", help="its split (fashion-mnist: half-b, the half no teacher saw)")
+    parser.add_argument("--jitter-copies", type=int, default=16, help="randomly shifted/rotated copies per image")
     parser.add_argument("--out", type=Path, default=Path("models/weights/prior-digits"))
     parser.add_argument("--grid-only", action="store_true", help="only (re)draw samples.png of an existing prior")
     args = parser.parse_args(argv)
@@ -149,9 +164,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.grid_only:
         write_prior_grid(args.out)
         return 0
-    unet, scheduler, provenance = train_prior(args.steps, args.batch_size, seed=args.seed)
+    unet, scheduler, provenance = train_prior(args.steps, args.batch_size, seed=args.seed,
+                                              jitter_copies=args.jitter_copies, dataset=args.dataset, split=args.split)
     provenance["command"] = (f"python -m engine.train_prior --steps {args.steps} --batch-size {args.batch_size} "
                              f"--seed {args.seed}")
+    if args.dataset != "digits":
+        provenance["command"] += (f" --dataset {args.dataset} --split {args.split} --jitter-copies "
+                                  f"{args.jitter_copies} --out {args.out}")
     save_prior(unet, scheduler, provenance, args.out)
     write_prior_grid(args.out)
     log.info("saved the prior to %s", args.out)

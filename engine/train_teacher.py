@@ -9,7 +9,10 @@ trains the "student from scratch on real data" baseline and the weaker teachers 
 from __future__ import annotations
 
 import argparse
+import datetime
 import logging
+import os
+import platform
 import sys
 import time
 from pathlib import Path
@@ -19,7 +22,7 @@ import torch.nn.functional as F
 
 from augment.student_augment import random_crop
 from engine.checkpoints import atomic_save_safetensors, atomic_write_json
-from engine.datasets import as_tensors, load_dataset
+from engine.datasets import as_tensors, load_dataset, split_provenance
 from engine.errors import UserError, exits_cleanly
 from engine.evaluate import accuracy
 from engine.logs import setup_logging
@@ -27,6 +30,12 @@ from models.base import count_parameters
 from models.registry import build_classifier
 
 log = logging.getLogger(__name__)
+
+
+def machine_record() -> dict:
+    """Where and when weights were trained, for their provenance file."""
+    return {"machine": f"{os.cpu_count()}-core {platform.machine()} CPU, torch {torch.__version__}, "
+                       f"{torch.get_num_threads()} thread(s)", "date": datetime.date.today().isoformat()}
 
 
 def train_classifier(arch: str, dataset: str, split: str, epochs: float, batch_size: int = 128, lr: float = 3e-3,
@@ -62,6 +71,7 @@ def train_classifier(arch: str, dataset: str, split: str, epochs: float, batch_s
         "augmentation": f"random shift <= {shift} px", "seed": seed, "parameters": count_parameters(model),
         "train_seconds": round(time.time() - start, 1), "class_names": list(info.class_names),
         "mean": list(info.mean), "std": list(info.std), "in_channels": info.channels, "image_size": info.image_size,
+        **split_provenance(dataset, split, root=root), **machine_record(),
     }
     return model, provenance
 
