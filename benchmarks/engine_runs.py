@@ -1,5 +1,11 @@
 """Run the engine from a benchmark exactly as a user would (``python -m engine.run ...`` in a subprocess), keep
-each run directory so every number traces back to its config.json and metrics.jsonl, and aggregate seeds."""
+each run directory so every number traces back to its config.json and metrics.jsonl, and aggregate seeds.
+
+Every finished run also gets a ``record.json`` (the commit that ran it, its command line, date, machine). A table
+too long for one sitting is built over several: point ``--runs`` at a folder under ``benchmarks/results/records/``
+(whose small files, config/summary/record/metrics, are committed; .gitignore keeps the weights out) and pass
+``--reuse``; each row then lists the commits its runs came from, so a table assembled from runs of different
+commits says so."""
 
 from __future__ import annotations
 
@@ -12,6 +18,9 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+from benchmarks.common import run_metadata
+from engine.checkpoints import atomic_write_json
 
 
 def budget_parser(doc: str, *, images: int, student_steps: int, runs: str, out: Path) -> argparse.ArgumentParser:
@@ -40,15 +49,18 @@ def budget_record(args) -> dict:
 
 
 def run_engine(name: str, flags: list[str], run_dir: Path, reuse: bool = False, threads: int = 0) -> dict:
-    """The run's summary.json (student_acc, best_student_acc, wall_seconds, images, ...)."""
-    summary = run_dir / "summary.json"
-    if reuse and summary.exists():
-        return json.loads(summary.read_text())
-    command = [sys.executable, "-m", "engine.run", "--run-dir", str(run_dir), "--overwrite", *flags]
-    env = os.environ | ({"OMP_NUM_THREADS": str(threads)} if threads else {})
-    print(f"[{time.strftime('%H:%M:%S')}] {name}: python {' '.join(command[1:])}", flush=True)
-    subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-    return json.loads(summary.read_text())
+    """The run's summary.json (student_acc, best_student_acc, wall_seconds, images, ...) with its ``record``
+    (commit, command, date, machine: ``record.json``, written once the run has finished)."""
+    summary, record = run_dir / "summary.json", run_dir / "record.json"
+    if not (reuse and summary.exists()):
+        command = [sys.executable, "-m", "engine.run", "--run-dir", str(run_dir), "--overwrite", *flags]
+        env = os.environ | ({"OMP_NUM_THREADS": str(threads)} if threads else {})
+        print(f"[{time.strftime('%H:%M:%S')}] {name}: python {' '.join(command[1:])}", flush=True)
+        subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+        atomic_write_json(run_metadata("engine.run", ["--run-dir", str(run_dir), "--overwrite", *flags])
+                          | {"threads": threads or None}, record)
+    saved = json.loads(record.read_text()) if record.exists() else {"commit": "unknown (run before record.json)"}
+    return json.loads(summary.read_text()) | {"record": saved}
 
 
 def run_engines(runs: list[tuple[str, list[str], Path]], reuse: bool = False, jobs: int = 1) -> list[dict]:
@@ -72,4 +84,7 @@ def seed_rows(runs: list[dict], seeds: list[int]) -> dict:
         row["best"] = [r["best_student_acc"] for r in runs]
         row["best_mean_std"] = mean_std(row["best"])
         row["wall_seconds"] = [r.get("wall_seconds") for r in runs]
+    commits = sorted({r["record"]["commit"] for r in runs if "record" in r})
+    if commits:  # more than one: the row was assembled over several sittings (see the module docstring)
+        row["commits"] = commits
     return row

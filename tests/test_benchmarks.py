@@ -30,3 +30,19 @@ def test_seed_rows_aggregate_last_and_best():
     row = seed_rows([{"student_acc": 0.5, "best_student_acc": 0.6}, {"student_acc": 0.7, "best_student_acc": 0.7}],
                     [0, 1])
     assert row["last_mean_std"]["mean"] == pytest.approx(0.6) and row["best"] == [0.6, 0.7]
+
+
+def test_reused_runs_carry_the_commit_that_ran_them_and_rows_list_every_commit(tmp_path):
+    import json
+
+    from benchmarks.engine_runs import run_engine, seed_rows
+
+    old, new = tmp_path / "old", tmp_path / "new"
+    for run_dir, acc in ((old, 0.5), (new, 0.7)):
+        run_dir.mkdir()
+        (run_dir / "summary.json").write_text(json.dumps({"student_acc": acc, "best_student_acc": acc}))
+    (new / "record.json").write_text(json.dumps({"commit": "abc123"}))
+    # reuse=True must not start an engine run: both have a summary.json
+    runs = [run_engine("m", [], old, reuse=True), run_engine("m", [], new, reuse=True)]
+    assert runs[1]["record"]["commit"] == "abc123" and runs[1]["student_acc"] == 0.7
+    assert seed_rows(runs, [0, 1])["commits"] == ["abc123", "unknown (run before record.json)"]
