@@ -1,7 +1,8 @@
 """Resolve a teacher/student spec from the command line into a model plus its input conventions.
 
 A spec is one of
-  * a committed pretrained name (``default`` = the MNIST teacher of the embedded world),
+  * a committed pretrained name (``default`` = the digits world's MNIST teacher, ``fashion`` = the fashion world's
+    Fashion-MNIST teacher, trained on half A of its train set),
   * a checkpoint path (``.safetensors`` / ``.pt``); the architecture comes from ``--arch`` or from the JSON
     written beside it by ``engine.train_teacher`` (same stem),
   * a zoo architecture name (an untrained model, for students).
@@ -22,8 +23,10 @@ from engine.errors import UserError
 from models.registry import build_classifier, load_weights
 
 WEIGHTS_DIR = Path(models.__file__).parent / "weights"
-PRETRAINED = {"default": "teacher-mnist", "teacher-mnist": "teacher-mnist"}
+PRETRAINED = {"default": "teacher-mnist", "teacher-mnist": "teacher-mnist", "fashion": "teacher-fashion",
+              "teacher-fashion": "teacher-fashion"}
 DEFAULT_PRIOR = WEIGHTS_DIR / "prior-digits"
+PRIORS = {"default": DEFAULT_PRIOR, "digits": DEFAULT_PRIOR, "fashion": WEIGHTS_DIR / "prior-fashion"}  # --prior names
 
 
 @dataclass

@@ -24,6 +24,14 @@ Schedule = Literal["online", "offline"]
 # the image index below 10⁷ so that two seeds never share a sample.
 MAX_SEED = 999_999
 MAX_IMAGES = 10_000_000
+# --world: the embedded worlds (SPEC §7), each the flags it sets; an explicit flag overrides its world's value.
+# digits must equal the dataclass defaults (today's default run). fashion: teacher on half A of Fashion-MNIST's
+# train set, prior on half B (engine/datasets.py fashion_halves), weights in models/weights/*-fashion.
+WORLDS: dict[str, dict[str, str]] = {
+    "digits": {"teacher": "default", "prior": "default", "dataset": "mnist", "student": "convnet2-w16"},
+    "fashion": {"teacher": "fashion", "prior": "fashion", "dataset": "fashion-mnist", "student": "convnet2-w16"},
+}
+World = Literal["digits", "fashion"]
 
 
 def opt(default, help: str, flag: str | None = None):
@@ -41,6 +49,9 @@ class RunConfig:
     images: int = opt(2000, "synthetic-image budget")
     student_steps: int = opt(2000, "student optimizer steps")
     # --- models and data -----------------------------------------------------------------------------------------
+    world: World = opt("digits", "embedded world: digits (MNIST teacher, prior on UCI 8x8 digits) | fashion "
+                       "(Fashion-MNIST teacher on half A, prior on half B); sets --teacher --prior --dataset "
+                       "--student, which override it")
     teacher: str = opt("default", "pretrained name or checkpoint path")
     teacher_arch: str = opt("", "teacher architecture when the checkpoint has no JSON sidecar")
     student: str = opt("convnet2-w16", "student architecture (zoo name, tv:NAME or module:callable)")
@@ -265,6 +276,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def apply_world_defaults(parser: argparse.ArgumentParser, argv: list[str] | None) -> None:
+    """Make ``--world``'s preset the parser's defaults, so that flags given explicitly still win over it. A first
+    pass reads only ``--world`` (argparse exits 2 on an unknown world, naming the choices)."""
+    world = parser.parse_known_args(argv)[0].world
+    known = {action.dest for action in parser._actions}
+    parser.set_defaults(**{k: v for k, v in WORLDS[world].items() if k in known})
+
+
 def parse_config(argv: list[str] | None = None) -> RunConfig:
-    """Flags -> RunConfig (argparse exits 2 on unknown or ill-typed flags)."""
-    return RunConfig(**vars(build_parser().parse_args(argv)))
+    """Flags -> RunConfig (argparse exits 2 on unknown or ill-typed flags), ``--world``'s preset applied."""
+    parser = build_parser()
+    apply_world_defaults(parser, argv)
+    return RunConfig(**vars(parser.parse_args(argv)))

@@ -12,7 +12,7 @@ import psutil
 import torch
 from torch import nn
 
-from engine.classifiers import DEFAULT_PRIOR, ClassifierSpec, resolve_classifier
+from engine.classifiers import PRIORS, ClassifierSpec, resolve_classifier
 from engine.config import RunConfig, parse_class_map
 from engine.datasets import DatasetInfo, load_dataset
 from engine.deepinversion import DeepInversionConfig, DeepInversionGenerator
@@ -67,7 +67,7 @@ def deepinversion_config(cfg: RunConfig) -> DeepInversionConfig:
 def load_run_prior(cfg: RunConfig, info: DatasetInfo, device: torch.device):
     from models.priors import PriorLoadError, load_prior
 
-    spec = str(DEFAULT_PRIOR) if cfg.prior == "default" else cfg.prior
+    spec = str(PRIORS.get(cfg.prior, cfg.prior))  # a committed prior's name, or a folder / hub id
     class_map = parse_class_map(cfg.class_map) if cfg.class_map else None
     guidance_decoder = cfg.guidance_decoder_path if cfg.guidance_decoder == "tiny" else None
     try:
