@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 from engine.checkpoints import atomic_dir, atomic_write_json
-from engine.config import RunConfig, add_config_flags
+from engine.config import RunConfig, add_config_flags, apply_world_defaults
 from engine.datasets import load_dataset
 from engine.errors import UserError, exits_cleanly
 from engine.logs import setup_logging
@@ -47,7 +47,7 @@ log = logging.getLogger("engine.synthesize")
 
 # The RunConfig fields that concern synthesis; adv is left out (there is no student to be adversarial to).
 SYNTHESIS_FIELDS = (
-    "images", "seed", "method", "teacher", "teacher_arch", "prior", "dataset", "data_root", "class_map",
+    "images", "seed", "method", "world", "teacher", "teacher_arch", "prior", "dataset", "data_root", "class_map",
     "prompt_template", "class_free_prompt", "bn", "cls", "step_size", "guidance_scale", "sampler_steps", "scheduler",
     "grad_mode", "reuse_eps", "guide_every", "max_step_rms", "first_bn_multiplier", "cutmix_every", "cutmix_beta",
     "cutmix_prob",
@@ -74,7 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv: list[str] | None = None) -> tuple[RunConfig, Path]:
     """Flags -> (resolved RunConfig with the method presets and ablation toggles applied, output folder)."""
-    values = vars(build_parser().parse_args(argv))
+    parser = build_parser()
+    apply_world_defaults(parser, argv)
+    values = vars(parser.parse_args(argv))
     out = values.pop("out")
     return RunConfig(**values, adv=0.0, use_adv=False).resolved(), out
 
