@@ -1,12 +1,14 @@
-"""Accuracy of every method on the default world, in the same engine, at the same synthetic-image budget and the
-same number of student steps; several seeds; mean ± std of the last-step accuracy (best-step reported beside it,
-never used for selection).
+"""Accuracy of every method on an embedded world (``--world``, default digits), in the same engine, at the same
+synthetic-image budget and the same number of student steps; several seeds; mean ± std of the last-step accuracy
+(best-step reported beside it, never used for selection).
 
     python -m benchmarks.accuracy --runs runs/bench-accuracy-default            # the default budget (headline)
     python -m benchmarks.accuracy --images 500 --student-steps 500 --out benchmarks/results/accuracy_500.json \
         --extra --sampler-steps 10                                               # a 4x smaller budget
+    python -m benchmarks.accuracy --world fashion    # the fashion world -> benchmarks/results/accuracy_fashion.json
 
-Rows: teacher; student from scratch on real data; real-data KD; DeepInversion; DM-KD; DiffDFKD offline; ours online.
+Rows: teacher; student from scratch on real data (the first --images of the teacher's own train split: MNIST
+train; Fashion-MNIST half A); real-data KD; DeepInversion; DM-KD; DiffDFKD offline; ours online.
 Each engine run is a subprocess ``python -m engine.run ...`` exactly as a user would type it; its run directory is
 kept under ``--runs`` so every number can be traced to its config.json and metrics.jsonl.
 
@@ -23,12 +25,22 @@ import subprocess
 import sys
 from pathlib import Path
 
-from benchmarks.common import RESULTS_DIR, run_metadata, write_results
+from benchmarks.common import run_metadata, write_results
 from benchmarks.compute import METHOD_FLAGS, images_at_equal_compute, method_cost, run_flops
-from benchmarks.engine_runs import budget_flags, budget_parser, budget_record, run_engines, seed_rows
-from engine.config import RunConfig
+from benchmarks.engine_runs import (
+    add_world_flag,
+    budget_flags,
+    budget_parser,
+    budget_record,
+    run_engines,
+    seed_rows,
+    world_paths,
+)
+from engine.config import WORLDS
 
 METHODS = METHOD_FLAGS
+# The real data a world's scratch student learns from: the teacher's own train split (never the prior's half).
+SCRATCH_SPLIT = {"digits": "train", "fashion": "half-a"}
 
 
 def scratch_student(args, seed: int, out: Path, reuse: bool) -> dict:
@@ -36,24 +48,29 @@ def scratch_student(args, seed: int, out: Path, reuse: bool) -> dict:
     meta = out.with_suffix(".json")
     if not (reuse and meta.exists()):
         epochs = args.student_steps * 128 / args.images
-        subprocess.run([sys.executable, "-m", "engine.train_teacher", "--arch", RunConfig().student,
-                        "--dataset", "mnist", "--split", "train", "--limit", str(args.images),
+        world = WORLDS[args.world]
+        subprocess.run([sys.executable, "-m", "engine.train_teacher", "--arch", world["student"],
+                        "--dataset", world["dataset"], "--split", SCRATCH_SPLIT[args.world],
+                        "--limit", str(args.images),
                         "--epochs", f"{epochs:.4f}", "--seed", str(seed), "--out", str(out)],
                        check=True, stderr=subprocess.DEVNULL)
     return {"student_acc": json.loads(meta.read_text())["test_accuracy"]}
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = budget_parser(__doc__, images=2000, student_steps=2000, runs="runs/bench-accuracy",
-                           out=RESULTS_DIR / "accuracy.json")
+    parser = budget_parser(__doc__, images=2000, student_steps=2000, runs=None, out=None)
+    add_world_flag(parser)
     parser.add_argument("--methods", nargs="+", default=["scratch-real", *METHODS],
                         choices=["scratch-real", *METHODS])
     parser.add_argument("--equal-compute", nargs="*", default=["dmkd", "deepinv"], choices=list(METHODS),
                         help="methods also run at ours-online's counted FLOPs (more or fewer images, same steps)")
     args = parser.parse_args(argv)
+    world_paths(args, "accuracy")
 
-    teacher = json.loads(subprocess.run([sys.executable, "-m", "engine.evaluate", "--teacher", "default",
-                                         "--dataset", "mnist"], check=True, capture_output=True, text=True).stdout)
+    world = WORLDS[args.world]
+    teacher = json.loads(subprocess.run([sys.executable, "-m", "engine.evaluate", "--teacher", world["teacher"],
+                                         "--dataset", world["dataset"]], check=True, capture_output=True,
+                                        text=True).stdout)
     results = {"teacher": {"accuracy": teacher["accuracy"]}, "methods": {}}
     budget = budget_flags(args)
     engine_methods = [name for name in args.methods if name in METHODS]

@@ -19,17 +19,21 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from benchmarks.common import run_metadata
+from benchmarks.common import RESULTS_DIR, run_metadata
 from engine.checkpoints import atomic_write_json
+from engine.config import WORLDS
 
 
-def budget_parser(doc: str, *, images: int, student_steps: int, runs: str, out: Path) -> argparse.ArgumentParser:
-    """The flags every accuracy benchmark shares: seeds, the image and student-step budget, where runs go."""
+def budget_parser(doc: str, *, images: int, student_steps: int, runs: str | None, out: Path | None
+                  ) -> argparse.ArgumentParser:
+    """The flags every accuracy benchmark shares: seeds, the image and student-step budget, where runs go (``None``:
+    set by :func:`world_paths` after parsing)."""
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--images", type=int, default=images)
     parser.add_argument("--student-steps", type=int, default=student_steps)
-    parser.add_argument("--runs", type=Path, default=Path(runs), help="one run directory per engine run")
+    parser.add_argument("--runs", type=Path, default=Path(runs) if runs else None,
+                        help="one run directory per engine run")
     parser.add_argument("--reuse", action="store_true", help="reuse finished runs under --runs")
     parser.add_argument("--out", type=Path, default=out)
     parser.add_argument("--jobs", type=int, default=1,
@@ -39,13 +43,30 @@ def budget_parser(doc: str, *, images: int, student_steps: int, runs: str, out: 
     return parser
 
 
+def add_world_flag(parser: argparse.ArgumentParser) -> None:
+    """``--world``: the embedded world every engine run of the benchmark uses (``engine.run --world``)."""
+    parser.add_argument("--world", choices=list(WORLDS), default="digits",
+                        help="embedded world (teacher, prior, dataset, student); results go to *_WORLD.json")
+
+
+def world_paths(args, name: str) -> None:
+    """Fill ``--runs`` and ``--out`` unless given: runs/bench-NAME and RESULTS_DIR/NAME.json in the digits world,
+    runs/bench-NAME-WORLD and NAME_WORLD.json in any other (a world's runs are never reused for another's)."""
+    suffix = "" if args.world == "digits" else f"_{args.world}"
+    args.runs = args.runs or Path(f"runs/bench-{name.replace('_', '-')}{suffix.replace('_', '-')}")
+    args.out = args.out or RESULTS_DIR / f"{name}{suffix}.json"
+
+
 def budget_flags(args) -> list[str]:
-    """The engine flags of the shared budget (``--extra`` included)."""
-    return ["--images", str(args.images), "--student-steps", str(args.student_steps), *args.extra]
+    """The engine flags of the shared budget (``--extra`` included; ``--world`` unless digits, the default)."""
+    world = getattr(args, "world", "digits")
+    return [*(["--world", world] if world != "digits" else []),
+            "--images", str(args.images), "--student-steps", str(args.student_steps), *args.extra]
 
 
 def budget_record(args) -> dict:
-    return {"images": args.images, "student_steps": args.student_steps, "extra_flags": args.extra}
+    return {"images": args.images, "student_steps": args.student_steps, "extra_flags": args.extra,
+            "world": getattr(args, "world", "digits")}
 
 
 def run_engine(name: str, flags: list[str], run_dir: Path, reuse: bool = False, threads: int = 0) -> dict:

@@ -3,6 +3,7 @@
 
     python -m benchmarks.frontier --seeds 0 --images 300 --student-steps 300 \
         --points steps10-full steps25-full steps25-detached steps25-every5
+    python -m benchmarks.frontier --world fashion ...           # -> benchmarks/results/frontier_fashion.json
 
 Compute is the run's wall time on this machine (the same machine for every point) and the UNet calls per image,
 counted from the config: full grad mode = forward + backward through the UNet (≈3 forwards) + 1 recomputed forward
@@ -13,8 +14,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from benchmarks.common import RESULTS_DIR, run_metadata, write_results
-from benchmarks.engine_runs import budget_flags, budget_parser, budget_record, run_engines, seed_rows
+from benchmarks.common import run_metadata, write_results
+from benchmarks.engine_runs import (
+    add_world_flag,
+    budget_flags,
+    budget_parser,
+    budget_record,
+    run_engines,
+    seed_rows,
+    world_paths,
+)
 
 
 def points() -> dict[str, list[str]]:
@@ -37,7 +46,7 @@ def unet_forwards_per_image(flags: list[str]) -> float:
     return guided * per_guided + (steps - guided)
 
 
-def plot(results: dict, path: Path) -> None:
+def plot(results: dict, path: Path, world: str = "digits") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -51,17 +60,18 @@ def plot(results: dict, path: Path) -> None:
         ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
     ax.set_xlabel("UNet forward-equivalents per image (synthesis compute)")
     ax.set_ylabel("student test accuracy (%)")
-    ax.set_title("cost-accuracy frontier, default world")
+    ax.set_title(f"cost-accuracy frontier, {world} world")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = budget_parser(__doc__, images=2000, student_steps=2000, runs="runs/bench-frontier",
-                           out=RESULTS_DIR / "frontier.json")
+    parser = budget_parser(__doc__, images=2000, student_steps=2000, runs=None, out=None)
+    add_world_flag(parser)
     parser.add_argument("--points", nargs="+", default=list(points()), choices=list(points()))
     args = parser.parse_args(argv)
+    world_paths(args, "frontier")
     budget = budget_flags(args)
     results = {"points": {}, "budget": budget_record(args)}
     jobs = [(name, [*flags, "--seed", str(s), *budget], args.runs / f"{name}-s{s}")
@@ -74,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         results["points"][name] = seed_rows(runs, args.seeds) | {
             "flags": flags, "unet_forwards_per_image": unet_forwards_per_image(flags)}
     write_results(results | run_metadata("benchmarks.frontier", argv), args.out)
-    plot(results, args.out.with_suffix(".png"))
+    plot(results, args.out.with_suffix(".png"), args.world)
     return 0
 
 

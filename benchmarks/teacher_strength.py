@@ -2,10 +2,12 @@
 
     python -m benchmarks.teacher_strength --seeds 0 1 2 --epochs 0.1 0.2 0.5 --images 300 --student-steps 300 \
         --extra --sampler-steps 10
+    python -m benchmarks.teacher_strength --world fashion ...   # -> benchmarks/results/teacher_strength_fashion.json
 
 Teachers of one family (``--arch``, the default teacher's ``convnet2-w32``) at several strengths, taken as
-checkpoints of different training lengths (the weakest a few accuracy points below the strongest), each distilled
-into the same student by ``dmkd`` and by ours at one budget. Reports student accuracy against teacher accuracy.
+checkpoints of different training lengths (the weakest a few accuracy points below the strongest), trained on the
+world's teacher data (MNIST trainval; Fashion-MNIST half A, never the prior's half), each distilled into the same
+student by ``dmkd`` and by ours at one budget. Reports student accuracy against teacher accuracy.
 """
 
 from __future__ import annotations
@@ -15,16 +17,27 @@ import subprocess
 import sys
 from pathlib import Path
 
-from benchmarks.common import RESULTS_DIR, run_metadata, write_results
-from benchmarks.engine_runs import budget_flags, budget_parser, budget_record, run_engines, seed_rows
+from benchmarks.common import run_metadata, write_results
+from benchmarks.engine_runs import (
+    add_world_flag,
+    budget_flags,
+    budget_parser,
+    budget_record,
+    run_engines,
+    seed_rows,
+    world_paths,
+)
+from engine.config import WORLDS
+
+TEACHER_SPLIT = {"digits": "trainval", "fashion": "half-a"}  # the data each world's committed teacher learnt from
 
 
-def train_teacher(arch: str, epochs: float, out: Path, reuse: bool) -> dict:
+def train_teacher(arch: str, epochs: float, out: Path, reuse: bool, world: str = "digits") -> dict:
     meta = out.with_suffix(".json")
     if not (reuse and meta.exists()):
-        subprocess.run([sys.executable, "-m", "engine.train_teacher", "--arch", arch, "--dataset", "mnist",
-                        "--split", "trainval", "--epochs", str(epochs), "--out", str(out)], check=True,
-                       stderr=subprocess.DEVNULL)
+        subprocess.run([sys.executable, "-m", "engine.train_teacher", "--arch", arch, "--dataset",
+                        WORLDS[world]["dataset"], "--split", TEACHER_SPLIT[world], "--epochs", str(epochs),
+                        "--out", str(out)], check=True, stderr=subprocess.DEVNULL)
     return json.loads(meta.read_text())
 
 
@@ -49,12 +62,13 @@ def plot(results: dict, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = budget_parser(__doc__, images=1000, student_steps=1000, runs="runs/bench-teacher-strength",
-                           out=RESULTS_DIR / "teacher_strength.json")
+    parser = budget_parser(__doc__, images=1000, student_steps=1000, runs=None, out=None)
+    add_world_flag(parser)
     parser.add_argument("--epochs", type=float, nargs="+", default=[0.1, 0.2, 0.5])
     parser.add_argument("--arch", default="convnet2-w32", help="the teachers' family (the default teacher's)")
     parser.add_argument("--methods", nargs="+", default=["dmkd", "diffdfkd"], choices=["dmkd", "diffdfkd"])
     args = parser.parse_args(argv)
+    world_paths(args, "teacher_strength")
     budget = budget_flags(args)
     results = {"teachers": {}, "students": {m: {} for m in args.methods},
                "budget": budget_record(args)}
@@ -62,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     for epochs in args.epochs:
         name = f"teacher-e{epochs:g}".replace(".", "p")  # no dot: the checkpoint path gets a suffix
         path = args.runs / name
-        meta = train_teacher(args.arch, epochs, path, args.reuse)
+        meta = train_teacher(args.arch, epochs, path, args.reuse, args.world)
         results["teachers"][name] = {"arch": args.arch, "epochs": epochs, "test_accuracy": meta["test_accuracy"]}
         teacher = ["--teacher", str(path.with_suffix(".safetensors"))]
         jobs += [(f"{method} {name}", ["--method", method, *teacher, "--seed", str(s), *budget],
