@@ -144,6 +144,11 @@ class RunConfig:
     checkpoint_every: int = opt(250, "write a resumable checkpoint every N ticks")
     checkpoint_minutes: float = opt(5.0, "also write one every N minutes of wall time (0 = by ticks only)")
     export: bool = opt(False, "export the synthetic set as an ImageFolder (+ labels.pt)", flag="--export")
+    log_with: Literal["none", "tensorboard", "wandb", "all"] = opt("none", "experiment trackers (through accelerate): "
+                                                                   "tensorboard (RUN_DIR/tensorboard), wandb "
+                                                                   "(offline unless WANDB_MODE says otherwise), all")
+    guidance_grid: bool = opt(True, "--method diffdfkd: guided_vs_unguided.png at the end (the same seeds with and "
+                              "without teacher guidance, 4 per class for up to 10 classes)", flag="--no-guidance-grid")
     resume: bool = opt(False, "continue the run in --run-dir from its last checkpoint", flag="--resume")
     overwrite: bool = opt(False, "replace an existing --run-dir", flag="--overwrite")
     dry_run: bool = opt(False, "print the resolved config as JSON and exit", flag="--dry-run")

@@ -136,6 +136,7 @@ def co_train(cfg: RunConfig, world: World, accelerator: Accelerator, outputs: Ru
 
     # 1. Replay buffer (and, for real-data KD, its contents) ----------------------------------------------------------
     buffer = ReplayBuffer(cfg.buffer_capacity, image_shape, info.num_classes, device)
+    outputs.watch(buffer)  # sample grids for the trackers at every evaluation
     if generator is None:
         fill_with_real_data(cfg, world, buffer, device)
 

@@ -1,18 +1,19 @@
 """The run directory (SPEC §6): config.json, metrics.jsonl, student.safetensors (+ .json), samples.png,
-checkpoint.pt, and the optional synthetic ImageFolder export. Every file is written atomically; only the main
-process writes.
+curves.png, guided_vs_unguided.png (diffdfkd), checkpoint.pt, tensorboard/ (``--log-with``), and the optional
+synthetic ImageFolder export. Every file is written atomically; only the main process writes.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
+import dataclasses
 import fcntl
 import functools
 import json
 import logging
 import os
 import shutil
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -30,6 +31,15 @@ from engine.checkpoints import (
 )
 from engine.errors import UserError
 from engine.replay_buffer import ReplayBuffer
+from engine.tracking import (
+    ImageRate,
+    finish_trackers,
+    grid_array,
+    log_images,
+    tracker_config,
+    tracker_init_kwargs,
+    write_curves,
+)
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +123,24 @@ class RunOutputs:
         self.dir = Path(run_dir)
         self.is_main = is_main
         self.live = live  # optional callback(line) for the terminal display
+        self.accelerator = None  # set by start_tracking when --log-with names trackers
+        self.buffer: ReplayBuffer | None = None  # the loop's replay buffer (watch): sample grids at every eval
+        self.image_rate = ImageRate()
+
+    # --- trackers -------------------------------------------------------------------------------------------------
+    def start_tracking(self, accelerator, config: dict) -> None:
+        """accelerate's ``init_trackers`` for the trackers the Accelerator was made with (``--log-with``)."""
+        if accelerator.log_with:
+            accelerator.init_trackers("diffdfkd", tracker_config(config), tracker_init_kwargs(self.dir))
+            self.accelerator = accelerator
+
+    def finish_tracking(self) -> None:
+        if self.accelerator is not None:
+            finish_trackers(self.accelerator)
+            self.accelerator = None
+
+    def watch(self, buffer: ReplayBuffer) -> None:
+        self.buffer = buffer
 
     # --- config and metrics ---------------------------------------------------------------------------------------
     def write_config(self, config: dict) -> None:
@@ -137,9 +165,18 @@ class RunOutputs:
     def log(self, line: dict) -> None:
         if not self.is_main:
             return
+        if "elapsed_s" in line:
+            line["images_per_s"] = self.image_rate(line["elapsed_s"], line["images"])
         path = self.dir / "metrics.jsonl"
         with reporting_disk_full(path), open(path, "a") as f:  # append-only: a partial last line is the worst case
             f.write(json.dumps(line) + "\n")
+        if self.accelerator is not None:
+            step = line["student_step"]
+            self.accelerator.log({k: v for k, v in line.items() if isinstance(v, (int, float))}, step=step)
+            if "student_acc" in line and self.buffer is not None and len(self.buffer):  # every evaluation
+                images, _, targets, _ = self.buffer.contents()
+                grid = class_grid(images.flip(0), targets.flip(0).argmax(1), targets.shape[1])  # newest first
+                log_images(self.accelerator, {"samples": grid_array(grid)}, step)
         if self.live is not None:
             self.live(line)
         else:
@@ -201,10 +238,41 @@ class RunOutputs:
         atomic_write_json(sidecar, self.dir / "student.json")
         images, _, targets, seeds = buffer.contents()
         if len(images):
-            save_class_grid(images, targets.argmax(1), info.num_classes, self.dir / "samples.png")
+            save_grid(class_grid(images, targets.argmax(1), info.num_classes), self.dir / "samples.png")
+        self.write_curves()
         if export:
             export_image_folder(buffer, info.class_names, self.dir / "synthetic")
         atomic_write_json(summary, self.dir / "summary.json")
+
+    def write_curves(self) -> None:
+        """curves.png from metrics.jsonl (the whole run, resumed parts included); without matplotlib, one warning."""
+        path = self.dir / "metrics.jsonl"
+        lines = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+        if lines and not write_curves(lines, self.dir / "curves.png"):
+            log.warning("matplotlib is not installed: no curves.png (pip install 'diffdfkd-engine[plots]'); "
+                        "the other outputs are written")
+
+    def write_guidance_grid(self, generator, student, num_classes: int, seed: int, accelerator, batch_size: int,
+                            per_class: int = 4, max_classes: int = 10) -> None:
+        """guided_vs_unguided.png: for the same seeds, the prior alone (left: no teacher guidance, no CutMix) and
+        the run's guided sampler with the final student (right); one row per class (the first ``max_classes``)."""
+        classes = min(num_classes, max_classes)
+        labels = torch.arange(classes).repeat_interleave(per_class)
+        seeds = seed * 10_000_000 + torch.arange(len(labels))  # the seeds of the run's first images
+        plain = copy.copy(generator)  # the same prior and teacher; its own config and loss weights
+        plain.config = dataclasses.replace(generator.config, cutmix_every=0, repair_steps=0)
+        plain.set_weights(bn=0.0, cls=0.0, adv=0.0)
+        student = copy.deepcopy(student).eval().requires_grad_(False)
+        made = {"unguided": [], "guided": []}
+        with accelerator.autocast():
+            for i in range(0, len(labels), batch_size):
+                part = slice(i, i + batch_size)
+                made["unguided"].append(plain.sample(labels[part], seeds[part])[0].float().cpu())
+                made["guided"].append(generator.sample(labels[part], seeds[part], student)[0].float().cpu())
+        unguided, guided = (torch.cat(made[k]).view(classes, per_class, *made[k][0].shape[1:]) for k in made)
+        gap = torch.ones(classes, 1, *guided.shape[2:])  # a white column between the two halves
+        rows = torch.cat([unguided, gap, guided], dim=1)  # (classes, 2·per_class + 1, C, H, W)
+        save_grid(make_grid(rows.flatten(0, 1), nrow=2 * per_class + 1), self.dir / "guided_vs_unguided.png")
 
 
 def tensor_bytes(obj) -> int:
@@ -245,23 +313,34 @@ def gather_to_all(accelerator, obj) -> list:
     return gathered
 
 
-def save_class_grid(images: torch.Tensor, labels: torch.Tensor, num_classes: int, path: Path, per_class: int = 10,
-                    upscale: int = 2) -> None:
-    """A grid with one row per class (first ``per_class`` images of each); empty cells stay black."""
+def class_grid(images: torch.Tensor, labels: torch.Tensor, num_classes: int, per_class: int = 10) -> torch.Tensor:
+    """One row per class that has images, as many columns as every such class fills (at most ``per_class``): the
+    first images of each class, no empty cells. Upscaled to at least 56 px a cell. (C, H', W') in [0, 1]."""
+    picked = [images[labels == k][:per_class].cpu() for k in range(num_classes)]
+    picked = [p for p in picked if len(p)]
+    columns = min(len(p) for p in picked)
+    return make_grid(torch.cat([p[:columns] for p in picked]), nrow=columns)
+
+
+def save_class_grid(images: torch.Tensor, labels: torch.Tensor, num_classes: int, path: Path,
+                    per_class: int = 10) -> None:
+    save_grid(class_grid(images, labels, num_classes, per_class), path)
+
+
+def make_grid(images: torch.Tensor, nrow: int) -> torch.Tensor:
+    from torchvision.utils import make_grid as torchvision_grid
+
+    upscale = max(1, -(-56 // images.shape[-1]))  # small images (28 px digits) doubled, 64 px and more as they are
+    if upscale > 1:
+        images = torch.nn.functional.interpolate(images.float(), scale_factor=upscale, mode="nearest")
+    return torchvision_grid(images, nrow=nrow, padding=2)
+
+
+def save_grid(grid: torch.Tensor, path: Path) -> None:
     from torchvision.utils import save_image
 
-    c, h, w = images.shape[1:]
-    rows = []
-    for k in range(num_classes):
-        picked = images[labels == k][:per_class].cpu()
-        row = torch.zeros(per_class, c, h, w)
-        row[: len(picked)] = picked
-        rows.append(row)
-    grid = torch.cat(rows)
-    if upscale > 1:
-        grid = torch.nn.functional.interpolate(grid, scale_factor=upscale, mode="nearest")
     with atomic_path(path) as tmp:
-        save_image(grid, tmp, nrow=per_class, padding=2, format="png")
+        save_image(grid, tmp, format="png")
 
 
 def export_image_folder(buffer, class_names, out: Path) -> None:
@@ -280,23 +359,3 @@ def export_image_folder(buffer, class_names, out: Path) -> None:
             files.append(rel)
         torch.save({"files": files, "targets": targets.cpu(), "teacher_logits": logits.cpu(), "seeds": seeds.cpu(),
                     "class_names": list(class_names)}, tmp / "labels.pt")
-
-
-def live_display():
-    """A rich status line on a terminal; None (plain log lines) otherwise."""
-    if not sys.stderr.isatty():
-        return None, None
-    from rich.console import Console
-    from rich.live import Live
-    from rich.table import Table
-
-    live = Live(console=Console(stderr=True), refresh_per_second=4, transient=False)
-
-    def update(line: dict) -> None:
-        table = Table.grid(padding=(0, 2))
-        keys = ["student_step", "images", "buffer_fill", "images_per_s", "kd_L_kd", "inv_L_inv", "student_acc"]
-        table.add_row(*[f"[bold]{k}[/]" for k in keys if k in line])
-        table.add_row(*[f"{line[k]:.4g}" if isinstance(line[k], float) else str(line[k]) for k in keys if k in line])
-        live.update(table)
-
-    return live, update

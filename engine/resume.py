@@ -15,7 +15,8 @@ from engine.errors import UserError
 
 RESUME_SAFE = frozenset({
     "student_steps",  # may grow, to extend a run (finished or not); the cosine schedule stretches to the new total
-    "log_every", "eval_every", "checkpoint_every", "checkpoint_minutes", "export",  # reporting and outputs
+    "log_every", "eval_every", "checkpoint_every", "checkpoint_minutes", "export", "log_with",  # reporting
+    "guidance_grid",  # and outputs
     "device", "use_streams", "grad_checkpointing", "channels_last", "compile",  # where and how it computes, not what
     "run_dir", "resume", "overwrite", "dry_run", "argv",  # how this start was asked for (the folder may have moved)
 })

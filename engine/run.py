@@ -22,9 +22,9 @@ from engine.logs import setup_logging
 log = logging.getLogger("engine.run")
 
 
-def make_accelerator(device: str, mixed_precision: str):
-    """The Accelerator for --device and --mixed-precision; what accelerate would silently replace is refused (CUDA
-    where there is none, fp16 autocast on the CPU)."""
+def make_accelerator(device: str, mixed_precision: str, log_with: list | None = None):
+    """The Accelerator for --device, --mixed-precision and --log-with; what accelerate would silently replace is
+    refused (CUDA where there is none, fp16 autocast on the CPU)."""
     from accelerate import Accelerator
 
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -36,7 +36,7 @@ def make_accelerator(device: str, mixed_precision: str):
         raise UserError("--mixed-precision fp16 needs CUDA and this run is on the CPU; use bf16 or no")
     if mixed_precision == "auto":
         mixed_precision = "no" if cpu else "bf16"
-    return Accelerator(cpu=cpu, mixed_precision=mixed_precision)
+    return Accelerator(cpu=cpu, mixed_precision=mixed_precision, log_with=log_with or None)
 
 
 def load_resume_checkpoint(cfg, world, outputs, resolved: dict, processes: int) -> dict | None:
@@ -72,15 +72,16 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     from engine.loop import co_train
     from engine.memory import fit_memory_target
-    from engine.outputs import RunOutputs, check_run_dir, live_display, prepare_run_dir
+    from engine.outputs import RunOutputs, check_run_dir, prepare_run_dir
     from engine.stopping import Stopped, stop_on_signals
+    from engine.tracking import LiveDisplay, tracker_list
     from engine.world import build_world
 
-    accelerator = make_accelerator(cfg.device, cfg.mixed_precision)
+    run_dir = Path(cfg.run_dir)
+    accelerator = make_accelerator(cfg.device, cfg.mixed_precision, tracker_list(cfg.log_with, run_dir))
     is_main = accelerator.is_main_process
     if not is_main:  # one voice: the other ranks report only problems
         logging.getLogger().setLevel(logging.WARNING)
-    run_dir = Path(cfg.run_dir)
     # Everything is validated before the run dir is touched, on every rank (reads only: all fail alike or none does).
     check_run_dir(run_dir, cfg.resume, cfg.overwrite)
     world = build_world(cfg, accelerator.device)
@@ -100,12 +101,19 @@ def main(argv: list[str] | None = None) -> int:
             outputs.truncate_metrics(checkpoint["state"]["student_step"] if checkpoint else 0)
         outputs.write_config(resolved)
         log.info("run dir %s on %s", run_dir, accelerator.device)
-        live, outputs.live = live_display() if is_main else (None, None)
+        outputs.start_tracking(accelerator, resolved)
+        live = LiveDisplay.create(cfg.images, cfg.student_steps) if is_main else None
+        outputs.live = live.update if live else None
         try:
             with stop_on_signals() as stop, live or contextlib.nullcontext():
                 summary = co_train(cfg, world, accelerator, outputs, checkpoint, stop)
+                if is_main and cfg.method == "diffdfkd" and cfg.guidance_grid:  # the same seeds, guided or not
+                    outputs.write_guidance_grid(world.generator, world.student, world.info.num_classes, cfg.seed,
+                                                accelerator, cfg.gen_batch)
         except Stopped as stopped:
             return stopped.exit_code
+        finally:
+            outputs.finish_tracking()
     if is_main:
         print(json.dumps(summary))
     return 0

@@ -43,8 +43,8 @@ def finished_run(world, tmp_path_factory):
 
 def test_run_writes_every_output(finished_run):
     names = {p.name for p in finished_run.iterdir()}
-    assert {"config.json", "metrics.jsonl", "student.safetensors", "student.json", "samples.png", "summary.json",
-            "checkpoint.pt", "synthetic"} <= names
+    assert {"config.json", "metrics.jsonl", "student.safetensors", "student.json", "samples.png", "curves.png",
+            "guided_vs_unguided.png", "summary.json", "checkpoint.pt", "synthetic"} <= names
     assert not [n for n in names if n.endswith(".tmp")]  # atomic writes left no temp files
 
 
@@ -61,7 +61,7 @@ def test_metrics_lines(finished_run):
     assert [line["student_step"] for line in lines] == [2, 4, 6, 8]  # --log-every 2
     for line in lines:
         assert KD_TERMS <= set(line) and {"inv_bn", "inv_cls", "inv_L_inv"} <= set(line)
-        assert line["images_per_s"] >= 0 and 0 < line["buffer_fill"] <= 1
+        assert line["images_per_s"] > 0 and 0 < line["buffer_fill"] <= 1  # a rate over a window: never 0 here
         assert all(isinstance(v, (int, float)) for v in line.values())
     assert lines[-1]["buffer_fill"] == 1.0 and lines[-1]["images"] == 16
     assert any("inv_adv" in line for line in lines)  # on after --adv-warmup-images 8
@@ -90,12 +90,55 @@ def test_summary_and_student_checkpoint(finished_run, capsys):
     assert result["accuracy"] == pytest.approx(summary["student_acc"]) and result["arch"] == "convnet-w8"
 
 
-def test_samples_png(finished_run):
+def grid_cells(path: Path, cell: int, pad: int = 2) -> tuple[int, int, list]:
+    """(rows, columns, the cells' pixel arrays) of a torchvision grid of ``cell`` px images."""
+    import numpy as np
     from PIL import Image
 
-    with Image.open(finished_run / "samples.png") as image:
-        width, height = image.size
-    assert (width, height) == (10 * (2 * 28 + 2) + 2,) * 2  # one row per class, 10 images each, upscaled 2x
+    with Image.open(path) as image:
+        pixels = np.asarray(image.convert("L"))
+    rows, columns = ((n - pad) // (cell + pad) for n in pixels.shape)
+    assert pixels.shape == (rows * (cell + pad) + pad, columns * (cell + pad) + pad)
+    cells = [pixels[pad + r * (cell + pad):][:cell, pad + c * (cell + pad):][:, :cell]
+             for r in range(rows) for c in range(columns)]
+    return rows, columns, cells
+
+
+def test_samples_png_is_sized_to_what_the_run_made(finished_run):
+    # 16 images of 10 classes: every class has at least one, so one column; 28 px images shown at 2x.
+    rows, columns, cells = grid_cells(finished_run / "samples.png", cell=56)
+    assert (rows, columns) == (10, 1)
+    assert all(cell.any() for cell in cells)  # no empty (black) cell
+
+
+def test_samples_grid_columns_follow_the_fullest_common_count():
+    from engine.outputs import class_grid
+
+    images = torch.rand(23, 1, 28, 28) * 0.5 + 0.5
+    labels = torch.tensor([0] * 7 + [1] * 12 + [2] * 4)  # class 3 has none: no row for it
+    grid = class_grid(images, labels, num_classes=4, per_class=10)
+    assert grid.shape[-2:] == (3 * 58 + 2, 4 * 58 + 2)  # 3 rows, 4 columns (the fewest any present class has)
+    assert class_grid(images, labels, 4, per_class=3).shape[-1] == 3 * 58 + 2
+
+
+def test_guided_vs_unguided_grid(finished_run):
+    # One row per class (10), 4 unguided | a white gap column | 4 guided, the same seeds; 14 px prior images are
+    # resized to the 28 px teacher and shown at 2x.
+    rows, columns, cells = grid_cells(finished_run / "guided_vs_unguided.png", cell=56)
+    assert (rows, columns) == (10, 9)
+    gaps = cells[4::9]
+    assert all((cell == 255).all() for cell in gaps)
+    unguided = [c for i, c in enumerate(cells) if i % 9 < 4]
+    guided = [c for i, c in enumerate(cells) if i % 9 > 4]
+    assert any((u != g).any() for u, g in zip(unguided, guided))  # teacher guidance changed the images
+
+
+def test_no_guidance_grid_flag_and_other_methods(world, tmp_path, capsys):
+    run_ok(world, tmp_path / "skip", capsys, "--student-steps", "2", "--no-guidance-grid")
+    run_ok(world, tmp_path / "dmkd", capsys, "--student-steps", "2", "--method", "dmkd")
+    for name in ("skip", "dmkd"):
+        names = {p.name for p in (tmp_path / name).iterdir()}
+        assert "guided_vs_unguided.png" not in names and {"samples.png", "curves.png"} <= names
 
 
 def test_export_image_folder(finished_run):

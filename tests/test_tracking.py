@@ -1,0 +1,109 @@
+"""Trackers (--log-with), curves.png, the image rate, samples sized to the run, the live display (issue 18)."""
+
+from __future__ import annotations
+
+import builtins
+import io
+import json
+from pathlib import Path
+
+import pytest
+
+from engine.run import main
+from engine.tracking import ImageRate, LiveDisplay, write_curves
+from tests.conftest import run_main
+
+
+def run_ok(world, run_dir: Path, capsys, *extra: str) -> str:
+    code, _, err = run_main(main, world.argv(run_dir, *extra), capsys)
+    assert code == 0, err
+    return err
+
+
+def test_tensorboard_event_files_read_back(world, tmp_path, capsys):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_dir = tmp_path / "run"
+    run_ok(world, run_dir, capsys, "--log-with", "tensorboard")
+    files = sorted((run_dir / "tensorboard").iterdir())
+    assert files and all("tfevents" in f.name for f in files)
+    assert not [p for p in run_dir.rglob("*") if p.name.endswith(".tmp")]  # every event file was renamed into place
+    events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"images": 0, "scalars": 0}).Reload()
+    scalars = set(events.Tags()["scalars"])
+    assert {"kd_L_kd", "kd_kl", "kd_msarc", "inv_L_inv", "inv_bn", "inv_cls", "student_acc", "images_per_s",
+            "buffer_fill", "images"} <= scalars
+    assert [e.step for e in events.Scalars("kd_L_kd")] == [2, 4, 6, 8]  # every metrics line, at its student step
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [e.value for e in events.Scalars("student_acc")] == pytest.approx(
+        [m["student_acc"] for m in metrics if "student_acc" in m])
+    assert [e.step for e in events.Images("samples")] == [4, 8]  # a sample grid at every evaluation
+    assert events.Images("samples")[0].width > 0
+    assert "config/text_summary" in events.Tags()["tensors"]  # the resolved config as text
+
+
+def test_missing_tracker_package_is_one_line(world, tmp_path, capsys, monkeypatch):
+    real_find_spec = __import__("importlib.util").util.find_spec
+    monkeypatch.setattr("importlib.util.find_spec", lambda name, *a: None if name == "wandb" else
+                        real_find_spec(name, *a))
+    code, _, err = run_main(main, world.argv(tmp_path / "run", "--log-with", "wandb"), capsys)
+    assert code == 2 and err.strip().splitlines()[-1].startswith("error: --log-with wandb needs the wandb package")
+    assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
+def test_without_matplotlib_the_run_says_so_once(world, tmp_path, capsys, monkeypatch):
+    real_import = builtins.__import__
+
+    def no_matplotlib(name, *args, **kwargs):
+        if name.split(".")[0] == "matplotlib":
+            raise ImportError(f"No module named '{name}'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    err = run_ok(world, tmp_path / "run", capsys, "--student-steps", "4")
+    names = {p.name for p in (tmp_path / "run").iterdir()}
+    assert "curves.png" not in names and {"samples.png", "summary.json", "student.safetensors"} <= names
+    warnings = [line for line in err.splitlines() if "matplotlib is not installed" in line]
+    assert len(warnings) == 1 and "no curves.png" in warnings[0]
+
+
+def test_curves_png(tmp_path):
+    from PIL import Image
+
+    lines = [{"student_step": s, "images": 4 * s, "kd_L_kd": 1 / s, "kd_kl": 0.5 / s, "inv_L_inv": 2.0 - s / 10,
+              **({"student_acc": s / 10} if s % 2 == 0 else {})} for s in range(1, 9)]
+    assert write_curves(lines, tmp_path / "curves.png")
+    with Image.open(tmp_path / "curves.png") as image:
+        assert image.size == (1000, 800)
+        colours = image.convert("RGB").getcolors(maxcolors=1 << 16)
+    assert colours is None or len(colours) > 20  # more than a blank canvas
+
+
+def test_image_rate_over_a_window():
+    rate = ImageRate(window_s=10)
+    # A small run: a micro-batch of 4 finishes every other metrics line. The per-interval count would read 0 between.
+    readings = [rate(t, n) for t, n in [(1, 4), (2, 4), (3, 8), (4, 8), (5, 12)]]
+    assert readings[0] == 4 and all(r > 0 for r in readings)
+    assert readings[-1] == pytest.approx(12 / 5)  # since the start: the run is younger than the window
+    assert rate(30, 12) == 0  # nothing made for longer than the window
+    assert rate(31, 16) == pytest.approx(4 / 26)  # from the newest line at least a window old (t = 5)
+
+
+def test_live_display_shows_bars_accuracy_losses_and_rate():
+    from rich.console import Console
+
+    out = io.StringIO()
+    display = LiveDisplay(images=16, student_steps=8, console=Console(file=out, force_terminal=True, width=110))
+    with display:
+        display.update({"student_step": 4, "images": 8, "buffer_fill": 0.5, "images_per_s": 3.25, "kd_L_kd": 0.125,
+                        "inv_L_inv": 1.5, "student_acc": 0.875})
+    screen = out.getvalue()
+    for text in ("images", "student steps", "8/16", "4/8", "acc", "87.50%", "L_kd", "0.125", "L_inv", "3.25 img/s",
+                 "buffer", "50%"):
+        assert text in screen, text
+
+
+def test_plain_log_lines_off_a_terminal(world, tmp_path, capsys):
+    assert LiveDisplay.create(16, 8) is None  # pytest's captured stderr is not a terminal
+    err = run_ok(world, tmp_path / "run", capsys, "--student-steps", "4")
+    assert "student_step=2 " in err and "student_step=4 " in err and "\x1b[" not in err  # no escape sequences
