@@ -263,6 +263,8 @@ def add_config_flags(parser: argparse.ArgumentParser, names=None, *, renamed: di
         flag = renamed.get(name) or f.metadata.get("flag") or "--" + name.replace("_", "-")
         common = {"dest": name, "default": f.default, "help": help.get(name, f.metadata.get("help", ""))}
         if kind is bool:
+            if f.default:  # "--no-bn  BN-statistics loss (default: True)" would read as if the flag turned it on
+                common["help"] += f" (on by default; {flag} turns it off)"
             parser.add_argument(flag, action="store_false" if f.default else "store_true", **common)
         elif typing.get_origin(kind) is Literal:
             parser.add_argument(flag, choices=choices.get(name, typing.get_args(kind)), **common)
@@ -270,11 +272,20 @@ def add_config_flags(parser: argparse.ArgumentParser, names=None, *, renamed: di
             parser.add_argument(flag, type=kind, **common)
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Each flag's default after its help, except for on/off flags: their help says it (see add_config_flags)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m engine.run",
         description="Online generator-student co-training for data-free knowledge distillation with diffusion priors.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
         allow_abbrev=False,
     )
     add_config_flags(parser)

@@ -234,3 +234,15 @@ def test_resume_after_a_crash(world, tmp_path, capsys, monkeypatch):
     n = len(saved["seeds"])
     assert torch.equal(labels["seeds"][:n], saved["seeds"])  # the restored images are the oldest in the buffer
     assert sorted(labels["seeds"].tolist()) == list(range(16))  # in-flight batches were redone, none twice
+
+
+def test_help_of_on_off_flags_reads_right(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "400")  # argparse wraps at the terminal width, also inside "--no-..." names
+    code, out, _ = run_main(main, ["--help"], capsys)
+    assert code == 0
+    text = " ".join(out.split())
+    for flag, what in [("--no-bn", "BN-statistics loss"), ("--no-msarc", "mSARC term of the KD loss"),
+                       ("--no-guidance-grid", "--method diffdfkd: guided_vs_unguided.png")]:
+        assert f"{flag} {what}" in text and f"(on by default; {flag} turns it off)" in text, flag
+    assert "(default: True)" not in text and "(default: False)" not in text  # --no-bn (default: True) misread
+    assert "(default: 128)" in text  # other flags keep their default
