@@ -1,6 +1,7 @@
 """Standard student augmentation for KD (SPEC §3): random crop with zero padding, optional horizontal flip.
 
-Works on a whole batch on its device, one random offset per sample, so it adds no host round trip to a KD step.
+Works on a whole batch on its device, one random offset per sample drawn there (``generator`` lives on the images'
+device), so it adds no host round trip to a KD step.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ def random_crop(images: torch.Tensor, pad: int, generator: torch.Generator | Non
         return images
     b, c, h, w = images.shape
     padded = F.pad(images, (pad, pad, pad, pad))
-    dy, dx = torch.randint(0, 2 * pad + 1, (2, b), generator=generator).to(images.device)
+    dy, dx = torch.randint(0, 2 * pad + 1, (2, b), generator=generator, device=images.device)
     rows = (dy[:, None] + torch.arange(h, device=images.device))[:, None, :, None]  # (B, 1, H, 1)
     cols = (dx[:, None] + torch.arange(w, device=images.device))[:, None, None, :]  # (B, 1, 1, W)
     batch = torch.arange(b, device=images.device)[:, None, None, None]
@@ -24,7 +25,7 @@ def random_crop(images: torch.Tensor, pad: int, generator: torch.Generator | Non
 
 
 def random_flip(images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    flip = (torch.rand(images.shape[0], generator=generator) < 0.5).to(images.device)
+    flip = torch.rand(images.shape[0], generator=generator, device=images.device) < 0.5
     return torch.where(flip[:, None, None, None], images.flip(-1), images)
 
 

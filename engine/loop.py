@@ -146,7 +146,9 @@ def co_train(cfg: RunConfig, world: World, accelerator: Accelerator, outputs: Ru
         optimizer = torch.optim.SGD(student.parameters(), lr=cfg.lr, momentum=0.9, nesterov=True,
                                     weight_decay=cfg.weight_decay)
     else:
-        optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        # capturable: Adam's step count lives on the device, so the sync-free guard (student_step) can mask it too.
+        optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                      capturable=device.type == "cuda")
     schedule = cosine_schedule(optimizer, cfg.student_steps)
     student, optimizer = accelerator.prepare(student, optimizer)
     plain_student = accelerator.unwrap_model(student)
@@ -156,7 +158,9 @@ def co_train(cfg: RunConfig, world: World, accelerator: Accelerator, outputs: Ru
     kd_loss = WeightedSum({"kl": 1.0, "msarc": cfg.msarc}, name="L_kd")
     log.info("synthesis: %s", generator.weighted.formula() if generator is not None else "real images (no synthesis)")
     log.info("student:   %s  (kl = τ²·KL(p_T^τ ‖ p_S^τ), τ=%g)", kd_loss.formula(), cfg.tau)
-    batch_generator = torch.Generator().manual_seed(cfg.seed + 1 + 7919 * rank)
+    # Replay-buffer draws and student augmentation come from a generator on the training device (no host RNG whose
+    # numbers would have to be copied over); it is checkpointed, so a resumed run draws the same batches.
+    batch_generator = torch.Generator(device).manual_seed(cfg.seed + 1 + 7919 * rank)
 
     # 3. Resume -------------------------------------------------------------------------------------------------------
     state, in_flight = LoopState(), []
@@ -182,7 +186,9 @@ def co_train(cfg: RunConfig, world: World, accelerator: Accelerator, outputs: Ru
     rate = 1.0  # offline: one student step per tick once every image exists
     if cfg.schedule == "online":  # from the run's start, so a resumed run keeps the same rate
         rate = kd_rate(cfg, steps_per_batch, batches_left=n_batches, steps_left=cfg.student_steps)
-    window = {"images": 0, "start": time.time(), "kd": {}, "inv": {}, "skipped": 0}
+    # Device-side running values, read on the host at log time only: the last finite KD terms, the skipped counts.
+    window = {"images": 0, "start": time.time(), "kd": {}, "inv": {}, "skipped": 0,
+              "skipped_student": torch.zeros((), dtype=torch.long, device=device)}
     run_start = time.time() - state.elapsed_seconds
     last_checkpoint = time.time()
 
@@ -231,12 +237,12 @@ def co_train(cfg: RunConfig, world: World, accelerator: Accelerator, outputs: Ru
                 streams.wait("train", "generated")
                 streams.wait("train", "snapshotted")
                 for _ in range(n_steps):
-                    terms = student_step(cfg, student, plain_student, teacher, view, buffer, optimizer, accelerator,
-                                         kd_loss, batch_generator)
-                    if terms is None:  # skipped: the metrics keep the last finite terms
-                        state.skipped_student_steps += 1
-                    else:
-                        window["kd"] = terms
+                    terms, bad = student_step(cfg, student, plain_student, teacher, view, buffer, optimizer,
+                                              accelerator, kd_loss, batch_generator)
+                    window["skipped_student"] += bad.long()
+                    # A skipped step keeps the last finite terms in the metrics (selected on the device).
+                    window["kd"] = {k: torch.where(bad, window["kd"][k], v) if k in window["kd"] else v
+                                    for k, v in terms.items()}
                     schedule.step()  # the schedule advances either way: a skipped step still spends its place
                     state.student_step += 1
                     if state.student_step % cfg.log_every == 0 or state.student_step == cfg.student_steps:
@@ -254,6 +260,7 @@ def co_train(cfg: RunConfig, world: World, accelerator: Accelerator, outputs: Ru
                                                        stop.signum if stop is not None else 0])
         if due or signum:
             streams.join()
+            flush_counts(state, window)
             state.elapsed_seconds = time.time() - run_start
             outputs.save_checkpoint(accelerator, plain_student, optimizer, schedule, buffer, state, rng_state(),
                                     batch_generator.get_state(), [generator.batch_state(b) for b in in_flight])
@@ -265,6 +272,7 @@ def co_train(cfg: RunConfig, world: World, accelerator: Accelerator, outputs: Ru
 
     # 5. Final outputs (the last metrics line has evaluated the student) -------------------------------------------
     streams.join()
+    flush_counts(state, window)
     state.elapsed_seconds = time.time() - run_start
     final_acc = state.last_acc  # evaluated by the metrics line of the last student step
     outputs.save_checkpoint(accelerator, plain_student, optimizer, schedule, buffer, state, rng_state(),
@@ -290,24 +298,22 @@ def co_train(cfg: RunConfig, world: World, accelerator: Accelerator, outputs: Ru
 
 
 def student_step(cfg, student, plain_student, teacher, view, buffer, optimizer, accelerator, kd_loss, generator):
-    """One KD update: L_kd = τ²·KL(p_T^τ ‖ p_S^τ) + μ·L_mSARC on an augmented replay-buffer batch. Returns the
-    detached terms, or ``None`` when the step was skipped.
+    """One KD update: L_kd = τ²·KL(p_T^τ ‖ p_S^τ) + μ·L_mSARC on an augmented replay-buffer batch. Returns
+    ``(terms, bad)``: the detached terms and a device bool, True when the step was not finite and was undone.
 
-    Guard: if L_kd or any gradient is not finite, the optimizer step is skipped, so neither the weights nor the
-    optimizer state (Adam moments, step count) move; zeroing the gradients and stepping would not do, since AdamW
-    still decays the weights and moments on a zero gradient. The BN running statistics, which the forward pass has
-    already updated (to NaN, if its activations were), are restored from a copy (a few small vectors per step).
-    Deciding needs the flag on the host: one ``bool(tensor)`` per step. On CPU that costs nothing; on CUDA it waits
-    for the train stream's queued work (a round trip, and the host stops queueing generation ahead of training
-    meanwhile). A sync-free gate would be fused AdamW's ``found_inf`` (what GradScaler uses), not worth its private
-    API here. Under DDP the gradients are already averaged across processes and the flag is reduced too, so every
-    process skips the same steps. With fp16 the GradScaler checks the gradients (an overflow there is routine) and
-    its skips count here too.
+    Guard, without a host sync: if L_kd or any gradient is not finite, the update is masked out: the optimizer steps
+    anyway, then every parameter, BN running statistic (the forward pass has already moved them) and optimizer state
+    tensor (moments, momentum, Adam's step count) becomes ``torch.where(bad, before, after)``, so nothing moves.
+    Zeroing the gradients and stepping would not do, since AdamW still decays the weights and moments on a zero
+    gradient; deciding on the host (``if bool(bad)``) would wait for the train stream every step. The cost is one copy
+    of the student's weights, BN buffers and optimizer state per step. Under DDP the gradients are already averaged
+    across processes and the flag is reduced too, so every process masks the same steps. With fp16 the GradScaler
+    also skips overflowing steps itself (it reads its found-inf flag on the host: fp16 is the one mode that syncs).
     """
     images, cached_logits, _ = buffer.sample(cfg.batch_size, generator)
     x = view.normalize(student_augment(images, cfg.aug_pad, cfg.aug_flip, generator))
     use_msarc = cfg.msarc > 0
-    bn_state = [b.detach().clone() for b in plain_student.buffers()]
+    before = step_state(plain_student, optimizer)
     with accelerator.autocast():
         with torch.no_grad():  # the teacher sees the student's augmented view unless its cached logits are used
             view_logits, teacher_features = None, None  # the teacher on the augmented view
@@ -327,21 +333,37 @@ def student_step(cfg, student, plain_student, teacher, view, buffer, optimizer, 
     optimizer.zero_grad(set_to_none=True)
     accelerator.backward(loss)
     bad = ~torch.isfinite(loss.detach().float())
-    if accelerator.scaler is None:  # fp16's GradScaler finds overflowing gradients itself (and rescales)
-        bad = bad | ~torch.stack([torch.isfinite(p.grad).all() for p in plain_student.parameters()
-                                  if p.grad is not None]).all()
+    grads = [p.grad for p in plain_student.parameters() if p.grad is not None]
+    if grads:
+        bad = bad | ~torch.stack([torch.isfinite(g).all() for g in grads]).all()
     if accelerator.num_processes > 1:
-        bad = accelerator.reduce(bad.int().reshape(1), "sum")
-    if bool(bad):  # the host sync described above
-        optimizer.zero_grad(set_to_none=True)
-        with torch.no_grad():
-            for live, saved in zip(plain_student.buffers(), bn_state):
-                live.copy_(saved)
-        return None
+        bad = accelerator.reduce(bad.int().reshape(1), "sum")[0] > 0
     optimizer.step()
-    if accelerator.scaler is not None and optimizer.step_was_skipped:
-        return None
-    return {k: v.detach() for k, v in terms.items()} | {"L_kd": loss.detach()}
+    undo_where(bad, before, step_state(plain_student, optimizer, copy=False))
+    return {k: v.detach() for k, v in terms.items()} | {"L_kd": loss.detach()}, bad
+
+
+def step_state(model: torch.nn.Module, optimizer, copy: bool = True) -> dict:
+    """Every tensor a student step writes: parameters, buffers (BN statistics) and the optimizer's state, by a stable
+    key; copies (``copy``) or the live tensors."""
+    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps the torch optimizer
+    out = {f"p{i}": p.data for i, p in enumerate(model.parameters())}
+    out |= {f"b{i}": b for i, b in enumerate(model.buffers())}
+    for i, p in enumerate(model.parameters()):
+        for name, value in inner.state.get(p, {}).items():
+            if torch.is_tensor(value):
+                out[f"s{i}.{name}"] = value
+    return {k: v.clone() for k, v in out.items()} if copy else out
+
+
+@torch.no_grad()
+def undo_where(bad: torch.Tensor, before: dict, after: dict) -> None:
+    """``after ← where(bad, before, after)`` in place; optimizer state created by this step starts from zeros (the
+    same as absent for SGD's momentum and Adam's moments and step count)."""
+    for key, live in after.items():
+        old = before.get(key)
+        old = torch.zeros_like(live) if old is None else old
+        live.copy_(torch.where(bad.to(live.device), old, live))
 
 
 def fill_with_real_data(cfg: RunConfig, world: World, buffer: ReplayBuffer, device) -> None:
@@ -360,6 +382,12 @@ def fill_with_real_data(cfg: RunConfig, world: World, buffer: ReplayBuffer, devi
         buffer.add(x, logits, targets.to(device), pick[i : i + 500])
 
 
+def flush_counts(state: LoopState, window: dict) -> None:
+    """Move the device-side skip count into the host-side state (a host sync: log and checkpoint points only)."""
+    state.skipped_student_steps += int(window["skipped_student"])
+    window["skipped_student"].zero_()
+
+
 def log_metrics(cfg, state, window, buffer, world, student, outputs: RunOutputs, run_start, accelerator) -> None:
     """One metrics.jsonl line (host syncs happen here, at log intervals only). Counts are summed over processes,
     losses averaged; every process calls this at the same student steps (the reductions are collective)."""
@@ -374,6 +402,7 @@ def log_metrics(cfg, state, window, buffer, world, student, outputs: RunOutputs,
         for name, value in terms.items():
             line[prefix + name] = float(accelerator.reduce(value.detach().float().reshape(1), "mean"))
     state.skipped_latent_steps += counts[4]
+    flush_counts(state, window)  # reduced already: every process masks the same steps
     window["inv"], window["skipped"] = {}, 0
     line["skipped_latent_steps"] = state.skipped_latent_steps
     line["skipped_student_steps"] = state.skipped_student_steps  # the same on every process (see student_step)

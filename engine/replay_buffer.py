@@ -24,23 +24,29 @@ class ReplayBuffer:
         return self.size
 
     def add(self, images: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor, seeds: torch.Tensor) -> None:
-        """Append a batch (images in [0, 1]); the oldest entries are overwritten once full."""
+        """Append a batch (images in [0, 1]); the oldest entries are overwritten once full. The slots are contiguous
+        ranges (two where the ring wraps), so no index tensor is built or copied to the device."""
         n = len(images)
-        slots = (self.cursor + torch.arange(n)) % self.capacity
-        slots = slots.to(self.images.device)
-        self.images[slots] = (images.detach().clamp(0, 1) * 255).round().to(torch.uint8)
-        self.logits[slots] = logits.detach().float()
-        self.targets[slots] = targets.detach().float()
-        self.seeds[slots] = seeds.to(self.seeds.device)
+        if n > self.capacity:
+            raise ValueError(f"a batch of {n} does not fit a replay buffer of {self.capacity}")
+        pixels = (images.detach().clamp(0, 1) * 255).round().to(torch.uint8)
+        head = min(n, self.capacity - self.cursor)
+        for dst, src in ((slice(self.cursor, self.cursor + head), slice(0, head)), (slice(0, n - head), slice(head, n))):
+            if src.stop > src.start:
+                self.images[dst] = pixels[src]
+                self.logits[dst] = logits[src].detach().float()
+                self.targets[dst] = targets[src].detach().float()
+                self.seeds[dst] = seeds[src].to(self.seeds.device, non_blocking=True)
         self.cursor = (self.cursor + n) % self.capacity
         self.size = min(self.size + n, self.capacity)
         self.total_added += n
 
     def sample(self, batch_size: int, generator: torch.Generator | None = None):
-        """A uniform random batch: (images float [0, 1], cached teacher logits, soft targets)."""
+        """A uniform random batch: (images float [0, 1], cached teacher logits, soft targets). The indices are drawn
+        on the buffer's device (``generator`` lives there), so nothing is copied over from the host."""
         if self.size == 0:
             raise RuntimeError("the replay buffer is empty")
-        idx = torch.randint(0, self.size, (batch_size,), generator=generator).to(self.images.device)
+        idx = torch.randint(0, self.size, (batch_size,), generator=generator, device=self.images.device)
         return self.images[idx].float() / 255.0, self.logits[idx], self.targets[idx]
 
     def contents(self):

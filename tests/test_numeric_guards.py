@@ -49,18 +49,46 @@ def test_non_finite_kd_loss_leaves_weights_and_adam_state_untouched(monkeypatch)
     args = (cfg, student, student, teacher, view, buffer, optimizer, Accelerator(cpu=True), kd, generator)
     monkeypatch.setattr(engine.loop, "kd_kl_loss", nan_on_calls(engine.loop.kd_kl_loss, {2}))
 
-    assert student_step(*args) is not None  # Adam state exists from here on
+    assert not student_step(*args)[1]  # Adam state exists from here on
     weights, adam = copy.deepcopy(student.state_dict()), copy.deepcopy(optimizer.state_dict())
-    assert student_step(*args) is None  # the NaN step: skipped
+    assert student_step(*args)[1]  # the NaN step: masked out (a device flag, no host sync in the step)
     for name, value in student.state_dict().items():
         assert torch.equal(value, weights[name]), name
     for index, state in optimizer.state_dict()["state"].items():
         for key, value in state.items():
             assert torch.equal(value, adam["state"][index][key]), (index, key)  # moments and step count
-    assert all(p.grad is None for p in student.parameters())
-    terms = student_step(*args)  # training goes on
-    assert terms is not None and all(torch.isfinite(v) for v in terms.values())
+    terms, bad = student_step(*args)  # training goes on
+    assert not bad and all(torch.isfinite(v) for v in terms.values())
     assert not torch.equal(student.state_dict()["fc.weight"], weights["fc.weight"])
+
+
+def test_a_non_finite_first_step_leaves_a_fresh_optimizer_fresh(monkeypatch):
+    """SGD's momentum and Adam's moments are created by the first step: a masked first step leaves them as zeros,
+    which the next step treats exactly as absent (same update as an optimizer that never stepped)."""
+    for make in (lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-3),
+                 lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.1)):
+        finals = []
+        for poison in (True, False):
+            torch.manual_seed(0)
+            cfg = RunConfig(batch_size=8)
+            teacher = build_classifier("convnet-w8", 10, 1).eval().requires_grad_(False)
+            student = build_classifier("convnet-w8", 10, 1)
+            view = TeacherView(28, 1, (0.5,), (0.5,))
+            buffer = ReplayBuffer(16, (1, 28, 28), 10)
+            buffer.add(torch.rand(16, 1, 28, 28), torch.randn(16, 10), torch.rand(16, 10), torch.arange(16))
+            optimizer = make(student.parameters())
+            kd = WeightedSum({"kl": 1.0, "msarc": cfg.msarc}, name="L_kd")
+            args = (cfg, student, student, teacher, view, buffer, optimizer, Accelerator(cpu=True), kd,
+                    torch.Generator().manual_seed(0))
+            if poison:
+                with monkeypatch.context() as mp:
+                    mp.setattr(engine.loop, "kd_kl_loss", nan_on_calls(engine.loop.kd_kl_loss, {1}))
+                    assert student_step(*args)[1]
+                args = args[:-1] + (torch.Generator().manual_seed(0),)  # the same batch as the clean run's first
+            assert not student_step(*args)[1]
+            finals.append(copy.deepcopy(student.state_dict()))
+        for name in finals[0]:
+            assert torch.equal(finals[0][name], finals[1][name]), name
 
 
 def test_a_run_with_non_finite_steps_completes_and_counts_them(world, tmp_path, capsys, monkeypatch):
