@@ -34,7 +34,6 @@ from engine.errors import UserError
 log = logging.getLogger(__name__)
 
 LOG_WITH = {"none": (), "tensorboard": ("tensorboard",), "wandb": ("wandb",), "all": ("tensorboard", "wandb")}
-EXTRA_HINT = "pip install 'diffdfkd-engine[trackers]'"
 
 
 # --- trackers ---------------------------------------------------------------------------------------------------
@@ -44,7 +43,7 @@ def tracker_list(log_with: str, run_dir: Path) -> list:
     for name in LOG_WITH[log_with]:
         if importlib.util.find_spec(name) is None:
             raise UserError(f"--log-with {log_with} needs the {name} package, which is not installed; "
-                            f"{EXTRA_HINT} (or pass --log-with none)")
+                            f"pip install 'diffdfkd-engine[{name}]' (or pass --log-with none)")
         if name == "tensorboard":
             trackers.append(AtomicTensorBoard(run_dir / "tensorboard"))
         else:
