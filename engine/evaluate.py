@@ -1,6 +1,7 @@
 """Measure a classifier on a real test split and print one JSON line.
 
     python -m engine.evaluate --teacher default --dataset mnist
+    python -m engine.evaluate --teacher fashion --dataset fashion-mnist    # the fashion world's teacher (half A)
     python -m engine.evaluate --checkpoint runs/x/student.safetensors --arch convnet2-w16 --dataset mnist
 """
 
@@ -45,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     who = parser.add_mutually_exclusive_group()
-    who.add_argument("--teacher", help="a pretrained name (default) or a checkpoint path")
+    who.add_argument("--teacher", help="a pretrained name (default, fashion) or a checkpoint path")
     who.add_argument("--checkpoint", help="a checkpoint path or a pretrained name")
     parser.add_argument("--arch", help="architecture of the checkpoint when no JSON sidecar names it")
     parser.add_argument("--dataset", default="mnist")
