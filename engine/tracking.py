@@ -199,7 +199,8 @@ class LiveDisplay:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
         from rich.text import Text
 
-        self.console = console or Console(stderr=True)
+        self.console = console or logging_console() or Console(stderr=True)
+        self.last_acc: float | None = None  # evaluated every --eval-every steps: shown until the next evaluation
         self.progress = Progress(TextColumn("{task.description:>13}"), BarColumn(), MofNCompleteColumn(),
                                  TimeElapsedColumn(), console=self.console)
         self.images = self.progress.add_task("images", total=images)
@@ -224,14 +225,22 @@ class LiveDisplay:
 
         self.progress.update(self.images, completed=min(line["images"], self.progress.tasks[0].total))
         self.progress.update(self.steps, completed=line["student_step"])
-        self.live.update(Group(self.progress, Text.assemble(*status_parts(line))))
+        self.last_acc = line.get("student_acc", self.last_acc)
+        self.live.update(Group(self.progress, Text.assemble(*status_parts(line, self.last_acc))))
 
 
-def status_parts(line: dict) -> list:
+def logging_console():
+    """The console of the rich logging handler (engine.logs), if one is set up."""
+    from rich.logging import RichHandler
+
+    return next((h.console for h in logging.getLogger().handlers if isinstance(h, RichHandler)), None)
+
+
+def status_parts(line: dict, acc: float | None) -> list:
     """The live display's status line: (text, style) pieces."""
     parts = []
-    if "student_acc" in line:
-        parts += [("acc ", "dim"), (f"{line['student_acc']:.2%}", "bold green"), ("  ", "")]
+    if acc is not None:
+        parts += [("acc ", "dim"), (f"{acc:.2%}", "bold green"), ("  ", "")]
     for key, label in (("kd_L_kd", "L_kd"), ("kd_kl", "kl"), ("kd_msarc", "msarc"), ("inv_L_inv", "L_inv"),
                        ("inv_bn", "bn"), ("inv_cls", "cls"), ("inv_adv", "adv")):
         if key in line:
