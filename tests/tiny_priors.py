@@ -138,8 +138,10 @@ def save_tiny_taesd(path: str | Path) -> Path:
     return Path(path)
 
 
-def save_tiny_dit(path: str | Path, size: int = 16, id2label: dict[int, str] | None = None) -> Path:
-    """A tiny DiT folder (transformer/ vae/ scheduler/ model_index.json), ``TINY_DIT_CLASSES`` classes + null."""
+def save_tiny_dit(path: str | Path, size: int = 16, id2label: dict[int, str] | None = None,
+                  num_classes: int = TINY_DIT_CLASSES) -> Path:
+    """A tiny DiT folder (transformer/ vae/ scheduler/ model_index.json), ``num_classes`` classes + null (1000
+    for ImageNet ids, as the hub DiTs)."""
     from diffusers import DDIMScheduler, DiTPipeline, DiTTransformer2DModel
 
     path = Path(path)
@@ -153,7 +155,7 @@ def save_tiny_dit(path: str | Path, size: int = 16, id2label: dict[int, str] | N
         norm_num_groups=4,
         sample_size=size // 2,
         patch_size=2,
-        num_embeds_ada_norm=TINY_DIT_CLASSES,
+        num_embeds_ada_norm=num_classes,
     )
     scheduler = DDIMScheduler(beta_schedule="linear", clip_sample=False)
     DiTPipeline(transformer=transformer, vae=tiny_vae(size), scheduler=scheduler).save_pretrained(path)
