@@ -109,3 +109,15 @@ def test_plain_log_lines_off_a_terminal(world, tmp_path, capsys):
     assert LiveDisplay.create(16, 8) is None  # pytest's captured stderr is not a terminal
     err = run_ok(world, tmp_path / "run", capsys, "--student-steps", "4")
     assert "student_step=2 " in err and "student_step=4 " in err and "\x1b[" not in err  # no escape sequences
+
+
+def test_wandb_offline(world, tmp_path, capsys, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "unset")
+    monkeypatch.delenv("WANDB_MODE")  # the engine's default applies (and monkeypatch removes it afterwards)
+    run_dir = tmp_path / "run"
+    run_ok(world, run_dir, capsys, "--log-with", "wandb")
+    (offline,) = (run_dir / "wandb").glob("offline-run-*")  # offline: nothing was sent anywhere
+    assert list(offline.glob("*.wandb"))  # the run's record, for `wandb sync`
+    grids = sorted(p.name.split("_")[1] for p in (offline / "files" / "media" / "images").glob("samples_*.png"))
+    assert grids == ["4", "8"]  # a sample grid at every evaluation
