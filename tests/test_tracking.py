@@ -121,3 +121,10 @@ def test_wandb_offline(world, tmp_path, capsys, monkeypatch):
     assert list(offline.glob("*.wandb"))  # the run's record, for `wandb sync`
     grids = sorted(p.name.split("_")[1] for p in (offline / "files" / "media" / "images").glob("samples_*.png"))
     assert grids == ["4", "8"]  # a sample grid at every evaluation
+
+
+def test_images_per_s_is_never_0_while_images_are_made(world, tmp_path, capsys):
+    # A line every student step: a micro-batch finishes only every other tick, so most lines see no new image.
+    run_ok(world, tmp_path / "run", capsys, "--log-every", "1", "--student-steps", "12")
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(lines) == 12 and all(line["images_per_s"] > 0 for line in lines)
