@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 from engine.checkpoints import atomic_dir, atomic_write_json
-from engine.config import RunConfig, add_config_flags, apply_world_defaults
+from engine.config import HelpFormatter, RunConfig, add_config_flags, apply_world_defaults
 from engine.datasets import load_dataset
 from engine.errors import UserError, exits_cleanly
 from engine.logs import setup_logging
@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m engine.synthesize",
         description="Synthesize a labelled image set with a teacher-guided diffusion prior (SPEC §2).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
         allow_abbrev=False,
     )
     parser.add_argument("--out", type=Path, required=True,

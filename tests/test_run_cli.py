@@ -246,3 +246,7 @@ def test_help_of_on_off_flags_reads_right(capsys, monkeypatch):
         assert f"{flag} {what}" in text and f"(on by default; {flag} turns it off)" in text, flag
     assert "(default: True)" not in text and "(default: False)" not in text  # --no-bn (default: True) misread
     assert "(default: 128)" in text  # other flags keep their default
+    import engine.synthesize
+
+    code, out, _ = run_main(engine.synthesize.main, ["--help"], capsys)
+    assert code == 0 and "(on by default; --no-bn turns it off)" in out and "(default: True)" not in out
