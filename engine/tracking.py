@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from accelerate.tracking import GeneralTracker
+from accelerate.tracking import GeneralTracker, on_main_process
 
 from engine.checkpoints import atomic_path
 from engine.errors import UserError
@@ -92,15 +92,18 @@ class AtomicTensorBoard(GeneralTracker):
             name = f"events.out.tfevents.{time.time_ns()}.{next(self.count):06d}.{os.getpid()}"
             os.replace(written, self.logging_dir / name)
 
+    @on_main_process  # init_trackers calls it on every process
     def store_init_configuration(self, values: dict) -> None:
         with self._event_file() as writer:
             writer.add_text("config", "\n".join(f"    {k}: {v}" for k, v in values.items()))
 
+    @on_main_process
     def log(self, values: dict, step: int | None = None, **kwargs) -> None:
         with self._event_file() as writer:
             for key, value in values.items():
                 writer.add_scalar(key, value, global_step=step)
 
+    @on_main_process
     def log_images(self, values: dict, step: int | None = None, **kwargs) -> None:
         """``values``: name -> an (H, W, C) uint8 array."""
         with self._event_file() as writer:
