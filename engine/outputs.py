@@ -174,8 +174,9 @@ class RunOutputs:
             step = line["student_step"]
             self.accelerator.log({k: v for k, v in line.items() if isinstance(v, (int, float))}, step=step)
             if "student_acc" in line and self.buffer is not None and len(self.buffer):  # every evaluation
-                images, _, targets, _ = self.buffer.contents()
-                grid = class_grid(images.flip(0), targets.flip(0).argmax(1), targets.shape[1])  # newest first
+                num_classes = self.buffer.targets.shape[1]
+                images, targets = newest_images(self.buffer, 40 * num_classes)  # ~40 a class: full rows of 10
+                grid = class_grid(images, targets.argmax(1), num_classes)
                 log_images(self.accelerator, {"samples": grid_array(grid)}, step)
         if self.live is not None:
             self.live(line)
@@ -247,7 +248,10 @@ class RunOutputs:
     def write_curves(self) -> None:
         """curves.png from metrics.jsonl (the whole run, resumed parts included); without matplotlib, one warning."""
         path = self.dir / "metrics.jsonl"
-        lines = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+        lines = []
+        for text in path.read_text().splitlines() if path.exists() else []:
+            with contextlib.suppress(ValueError):  # a partial last line of a killed write
+                lines.append(json.loads(text))
         if lines and not write_curves(lines, self.dir / "curves.png"):
             log.warning("matplotlib is not installed: no curves.png (pip install 'diffdfkd-engine[plots]'); "
                         "the other outputs are written")
@@ -311,6 +315,13 @@ def gather_to_all(accelerator, obj) -> list:
     gathered = [None] * accelerator.num_processes
     torch.distributed.all_gather_object(gathered, obj)
     return gathered
+
+
+def newest_images(buffer: ReplayBuffer, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``n`` newest images (float, [0, 1]) and targets, newest first: a small gather, not the whole buffer."""
+    slots = (buffer.cursor - 1 - torch.arange(min(n, len(buffer)))) % buffer.capacity
+    slots = slots.to(buffer.images.device)
+    return buffer.images[slots].float() / 255, buffer.targets[slots]
 
 
 def class_grid(images: torch.Tensor, labels: torch.Tensor, num_classes: int, per_class: int = 10) -> torch.Tensor:

@@ -128,3 +128,18 @@ def test_images_per_s_is_never_0_while_images_are_made(world, tmp_path, capsys):
     run_ok(world, tmp_path / "run", capsys, "--log-every", "1", "--student-steps", "12")
     lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert len(lines) == 12 and all(line["images_per_s"] > 0 for line in lines)
+
+
+def test_tracker_grids_show_the_newest_images():
+    import torch
+
+    from engine.outputs import newest_images
+    from engine.replay_buffer import ReplayBuffer
+
+    buffer = ReplayBuffer(5, (1, 2, 2), 3)
+    for k in range(7):  # wraps around: holds images 2..6
+        buffer.add(torch.full((1, 1, 2, 2), k / 10), torch.zeros(1, 3), torch.eye(3)[[k % 3]], torch.tensor([k]))
+    images, targets = newest_images(buffer, 4)
+    assert images[:, 0, 0, 0].mul(10).round().tolist() == [6, 5, 4, 3]
+    assert targets.argmax(1).tolist() == [0, 2, 1, 0]
+    assert len(newest_images(buffer, 50)[0]) == 5
