@@ -23,15 +23,18 @@ class CutMixResult:
 
 def sample_boxes(batch: int, height: int, width: int, beta: float, generator: torch.Generator | None = None,
                  device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-sample CutMix boxes: returns ``box`` (B, 1, H, W) bool and the exact ``lam`` (B,) = 1 − area/(H·W)."""
-    lam = torch.distributions.Beta(beta, beta).sample((batch,)) if generator is None else \
+    """Per-sample CutMix boxes: returns ``box`` (B, 1, H, W) bool and the exact ``lam`` (B,) = 1 − area/(H·W).
+    Drawn on the generator's device (``device`` without one), so nothing is copied from the host."""
+    where = generator.device if generator is not None else torch.device(device)
+    lam = torch.distributions.Beta(beta, beta).sample((batch,)).to(where) if generator is None else \
         _beta(beta, batch, generator)
     cut = torch.sqrt(1.0 - lam)  # side ratio: box area = (1 - λ)·H·W before clipping
-    cy, cx = (torch.rand(2, batch, generator=generator) * torch.tensor([[height], [width]])).floor()
+    centre = torch.rand(2, batch, generator=generator, device=where)
+    cy, cx = (centre[0] * height).floor(), (centre[1] * width).floor()
     half_h, half_w = (cut * height / 2).round(), (cut * width / 2).round()
     top, bottom = (cy - half_h).clamp(0, height), (cy + half_h).clamp(0, height)
     left, right = (cx - half_w).clamp(0, width), (cx + half_w).clamp(0, width)
-    rows, cols = torch.arange(height)[None, :], torch.arange(width)[None, :]
+    rows, cols = torch.arange(height, device=where)[None, :], torch.arange(width, device=where)[None, :]
     in_rows = (rows >= top[:, None]) & (rows < bottom[:, None])  # (B, H)
     in_cols = (cols >= left[:, None]) & (cols < right[:, None])  # (B, W)
     box = (in_rows[:, :, None] & in_cols[:, None, :])[:, None]  # (B, 1, H, W)
@@ -41,8 +44,8 @@ def sample_boxes(batch: int, height: int, width: int, beta: float, generator: to
 
 def _beta(beta: float, n: int, generator: torch.Generator) -> torch.Tensor:
     """Beta(β, β) from two seeded Gammas (torch's Beta sampler takes no generator)."""
-    a = torch._standard_gamma(torch.full((n,), float(beta)), generator=generator)
-    b = torch._standard_gamma(torch.full((n,), float(beta)), generator=generator)
+    a = torch._standard_gamma(torch.full((n,), float(beta), device=generator.device), generator=generator)
+    b = torch._standard_gamma(torch.full((n,), float(beta), device=generator.device), generator=generator)
     return a / (a + b)
 
 
@@ -50,10 +53,11 @@ def latent_cutmix(batch: int, height: int, width: int, beta: float = 1.0,
                   generator: torch.Generator | None = None, device="cpu", prob: float = 1.0) -> CutMixResult:
     """Draw pairs and boxes for a batch; apply them with :func:`apply_cutmix` to latents and labels alike.
     Each sample is mixed with probability ``prob`` (the others get an empty box and λ = 1)."""
-    perm = torch.randperm(batch, generator=generator).to(device)
+    where = generator.device if generator is not None else torch.device(device)
+    perm = torch.randperm(batch, generator=generator, device=where).to(device)
     box, lam = sample_boxes(batch, height, width, beta, generator, device)
     if prob < 1.0:
-        keep = (torch.rand(batch, generator=generator) < prob).to(device)
+        keep = (torch.rand(batch, generator=generator, device=where) < prob).to(device)
         box, lam = box & keep[:, None, None, None], torch.where(keep, lam, torch.ones_like(lam))
     return CutMixResult(perm, box, lam)
 

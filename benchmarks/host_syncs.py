@@ -64,7 +64,8 @@ def count_ticks(cfg, world, accelerator, outputs) -> list[dict]:
         checkpoint = bool(out[0] or out[1])
         ticks.append({"syncs": counter.count, "sites": dict(counter.sites), "trained": current["train"],
                       "logged": current["log"] or checkpoint, "generating": bool(generating())})
-        counter.count, current["log"], current["train"] = 0, False, False
+        # A checkpoint is written after this call: its reads land in the next tick's count, which is then not steady.
+        counter.count, current["log"], current["train"] = 0, checkpoint, False
         counter.sites.clear()
         return out
 
@@ -122,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
 
     flags = ["--run-dir", args.run_dir, "--device", "cpu", "--images", str(args.images),
              "--student-steps", str(args.student_steps), "--log-every", "100", "--eval-every", "100000",
-             "--checkpoint-every", "100000", *args.extra]
+             "--checkpoint-every", "100000", "--checkpoint-minutes", "0", *args.extra]
     cfg = parse_config(flags).resolved()
     world = build_world(cfg, torch.device("cpu"))
     Path(args.run_dir).mkdir(parents=True, exist_ok=True)

@@ -1,20 +1,22 @@
 """The co-training loop (SPEC §4): one asynchronous loop in which a teacher-guided diffusion prior keeps producing
 images while the student learns from them.
 
-Each tick
-  1. generation (gen stream): refresh the generator's snapshot of the student; start a micro-batch if one is due
-     (starts are staggered so that micro-batches finish at every few ticks); advance every in-flight micro-batch by
-     one guided denoising step; move finished images + teacher logits into the replay buffer;
-  2. training (train stream): ``kd_steps`` student updates on replay-buffer batches, once it holds ``min_buffer``;
-  3. bookkeeping at intervals only (metrics, evaluation, checkpoints: the only host syncs).
-The next tick's L_adv is computed against the weights the updates of this tick wrote (see engine/streams.py).
+Each tick n
+  1. hand-over (train stream): the micro-batches the generator finished in tick n−1 enter the replay buffer;
+  2. generation (gen stream): start a micro-batch if one is due (starts are staggered so that micro-batches finish
+     every few ticks); advance every sample in flight by one guided denoising step, all in one pool
+     (engine/synthesis/pool.py), against the student snapshot written at the end of tick n−1;
+  3. training (train stream, beside 2 on CUDA): ``kd_steps`` student updates on replay-buffer batches (the buffer
+     as of tick n−1), once it holds ``min_buffer``; then the snapshot for tick n+1 (engine/streams.py);
+  4. bookkeeping at intervals only (metrics, evaluation, checkpoints: the only host syncs; ``python -m
+     benchmarks.host_syncs`` counts the rest, 0 per tick).
 ``--schedule offline`` runs the same loop with training held back until every image exists (the papers' protocol);
 ``--method real-kd`` fills the buffer from the real train set instead of a generator.
 
 Multi-process (``accelerate launch --num_processes N -m engine.run``): rank r generates micro-batches r, r+N, ...
 (disjoint seeds and classes) into its own replay buffer, the student trains with DDP, every rank runs the same
 number of ticks and student steps (the image budget is rounded up to whole micro-batches per rank), metrics are
-reduced, and only the main process writes; checkpoints gather every rank's buffer and RNG into one file.
+reduced, and only the main process writes; checkpoints gather every rank's buffer, pool and RNG into one file.
 """
 
 from __future__ import annotations
@@ -34,12 +36,13 @@ from accelerate import Accelerator
 from augment.student_augment import student_augment
 from engine.config import RunConfig
 from engine.datasets import as_tensors, load_dataset
-from engine.errors import RunDiverged
+from engine.errors import RunDiverged, UserError
 from engine.evaluate import accuracy
 from engine.outputs import RunOutputs, max_over_processes
 from engine.replay_buffer import ReplayBuffer
 from engine.stopping import Stopped, StopRequest
 from engine.streams import StreamPair, copy_weights
+from engine.synthesis import Finished, make_pool
 from engine.world import World
 from losses import WeightedSum, kd_kl_loss, msarc_loss
 
@@ -162,18 +165,27 @@ def co_train(cfg: RunConfig, world: World, accelerator: Accelerator, outputs: Ru
     # numbers would have to be copied over); it is checkpointed, so a resumed run draws the same batches.
     batch_generator = torch.Generator(device).manual_seed(cfg.seed + 1 + 7919 * rank)
 
-    # 3. Resume -------------------------------------------------------------------------------------------------------
-    state, in_flight = LoopState(), []
+    # 3. The generation pool (every sample in flight, engine/synthesis/pool.py), resumed where it was ---------------
+    # Its random numbers (CutMix boxes, DDPM noise) come from its own device generator, checkpointed with the pool.
+    pool = make_pool(generator, torch.Generator(device).manual_seed(cfg.seed + 2 + 7919 * rank)) \
+        if generator is not None else None
+    pending: list[Finished] = []  # finished by the generator last tick, not yet in the buffer (see 4a)
+    state = LoopState()
     if checkpoint is not None:
         plain_student.load_state_dict(checkpoint["student"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         schedule.load_state_dict(checkpoint["schedule"])
         shard = checkpoint["ranks"][rank]
+        if not isinstance(shard["in_flight"], dict):
+            raise UserError("the checkpoint predates the generation pool (its micro-batches in flight cannot be "
+                            "continued); start anew with --overwrite")
         buffer.load_state_dict(shard["buffer"])
         state = LoopState(**checkpoint["state"])
-        # The micro-batches in flight continue where they were (latents, CutMix/repair state, RNG), so a resumed run
-        # ends bit-identical to an uninterrupted one on CPU.
-        in_flight = [generator.restore_batch(saved) for saved in shard["in_flight"]]
+        # The samples in flight continue where they were (latents, step indices, CutMix/repair state, RNG), so a
+        # resumed run ends bit-identical to an uninterrupted one on CPU.
+        if pool is not None:
+            pool.load_state_dict(shard["in_flight"]["pool"])
+        pending = [Finished(**{k: v.to(device) for k, v in f.items()}) for f in shard["in_flight"]["pending"]]
         set_rng_state(shard["rng"])
         batch_generator.set_state(shard["batch_generator"])
         log.info("resumed at tick %d, student step %d, %d images in the buffer", state.tick, state.student_step,
@@ -187,55 +199,57 @@ def co_train(cfg: RunConfig, world: World, accelerator: Accelerator, outputs: Ru
     if cfg.schedule == "online":  # from the run's start, so a resumed run keeps the same rate
         rate = kd_rate(cfg, steps_per_batch, batches_left=n_batches, steps_left=cfg.student_steps)
     # Device-side running values, read on the host at log time only: the last finite KD terms, the skipped counts.
-    window = {"images": 0, "start": time.time(), "kd": {}, "inv": {}, "skipped": 0,
+    window = {"images": 0, "start": time.time(), "kd": {}, "inv": {},
+              "skipped": torch.zeros((), dtype=torch.long, device=device),
               "skipped_student": torch.zeros((), dtype=torch.long, device=device)}
     run_start = time.time() - state.elapsed_seconds
     last_checkpoint = time.time()
+    streams.begin()  # both streams start after the set-up above (snapshot, buffer, restored state)
 
     # 4. The loop -----------------------------------------------------------------------------------------------------
-    while state.student_step < cfg.student_steps or state.batches_finished < n_batches:
-        generating = state.batches_finished < n_batches
+    while state.student_step < cfg.student_steps or state.batches_finished < n_batches or pending:
+        # 4a. Hand-over (train stream): what the generator finished in tick n−1 enters the replay buffer, so the
+        # trainer of tick n reads the buffer as of tick n−1 and never waits for this tick's generation.
+        if pending:
+            with streams.on("train"):
+                streams.wait("train", "generated")  # still tick n−1's event: tick n's generation is not queued yet
+                for done in pending:
+                    streams.hand_over(done.images, done.logits, done.label_weights, done.seeds, to="train")
+                    buffer.add(done.images, done.logits, done.label_weights, done.seeds)
+                    window["images"] += len(done)
+            pending = []
+        generating = state.batches_finished < n_batches  # images still to come, as this tick's trainer sees it
 
-        # 4a. Generation: snapshot the student, start a staggered micro-batch, one step for each in flight.
-        if generating:
+        # 4b. Generation (gen stream), against the student snapshot written at the end of tick n−1: start a
+        # staggered micro-batch, advance every sample in flight by one step, keep what finished for tick n+1.
+        if state.batches_finished < n_batches:
             with streams.on("gen"):
-                streams.wait("gen", "trained")
-                copy_weights(snapshot, plain_student)
-                streams.record("snapshotted", "gen")
+                streams.wait("gen", "snapshotted")
                 # Warm-up in images made, the same in both schedules: offline, L_adv then targets the student as it
                 # is during synthesis (untrained), online the student of the last tick.
                 images_made = state.batches_finished * cfg.gen_batch * ranks
                 adv_due = cfg.adv > 0 and images_made >= cfg.adv_warmup_images
-                if adv_due and "adv" not in generator.weighted.active:  # warm-up over: L_adv on from now
-                    generator.set_weights(adv=cfg.adv)
+                if adv_due and "adv" not in pool.weighted.active:  # warm-up over: L_adv on from now
+                    pool.set_weights(adv=cfg.adv)
                 due = state.tick - state.last_start_tick >= stagger
-                if due and len(in_flight) < cfg.in_flight and state.batches_started < n_batches:
-                    index = rank + ranks * state.batches_started
-                    in_flight.append(generator.start(*micro_batch(cfg, index, info.num_classes)))
+                if due and pool.in_flight < cfg.in_flight and state.batches_started < n_batches:
+                    pool.admit(*micro_batch(cfg, rank + ranks * state.batches_started, info.num_classes))
                     state.batches_started += 1
                     state.last_start_tick = state.tick
                 with accelerator.autocast():  # bf16 UNet/decoder/teacher on CUDA; latents stay fp32
-                    for batch in in_flight:
-                        generator.step(batch, snapshot)
-                while in_flight and in_flight[0].done:  # equal step counts: batches finish in start order
-                    batch = in_flight.pop(0)
-                    images, logits = generator.finish(batch)
-                    buffer.add(images, logits, batch.label_weights, batch.seeds)
-                    state.batches_finished += 1
-                    window["images"] += len(batch)
-                    window["inv"] = batch.last_terms
-                    window["skipped"] = window["skipped"] + batch.skipped
+                    pending = pool.tick(snapshot)
+                state.batches_finished += len(pending)
+                window["inv"] = pool.last_terms() or window["inv"]
                 streams.record("generated", "gen")
 
-        # 4b. Training: student updates from the replay buffer (online: while generating; offline: after).
+        # 4c. Training (train stream): student updates from the replay buffer (online: while generating; offline:
+        # after), overlapping 4b; then the snapshot for tick n+1, once this tick's generation has stopped reading it.
         ready = len(buffer) >= cfg.min_buffer and (cfg.schedule == "online" or not generating)
         if ready and state.student_step < cfg.student_steps:
             state.kd_credit += rate if generating else max(rate, 1.0)
             n_steps = min(int(state.kd_credit), cfg.student_steps - state.student_step)
             state.kd_credit -= n_steps
             with streams.on("train"):
-                streams.wait("train", "generated")
-                streams.wait("train", "snapshotted")
                 for _ in range(n_steps):
                     terms, bad = student_step(cfg, student, plain_student, teacher, view, buffer, optimizer,
                                               accelerator, kd_loss, batch_generator)
@@ -246,13 +260,18 @@ def co_train(cfg: RunConfig, world: World, accelerator: Accelerator, outputs: Ru
                     schedule.step()  # the schedule advances either way: a skipped step still spends its place
                     state.student_step += 1
                     if state.student_step % cfg.log_every == 0 or state.student_step == cfg.student_steps:
-                        streams.join()
+                        streams.join()  # host reads from here on (log interval)
+                        if pool is not None:
+                            window["skipped"] += pool.take_skipped()
                         log_metrics(cfg, state, window, buffer, world, plain_student, outputs, run_start,
                                     accelerator)
-                streams.record("trained", "train")
+                if n_steps:
+                    streams.wait("train", "generated")
+                    copy_weights(snapshot, plain_student)
+                    streams.record("snapshotted", "train")
         state.tick += 1
 
-        # 4c. Checkpoint (host sync point) every --checkpoint-every ticks and --checkpoint-minutes, and on SIGINT or
+        # 4d. Checkpoint (host sync point) every --checkpoint-every ticks and --checkpoint-minutes, and on SIGINT or
         # SIGTERM. The save is a collective: every process takes the decision of the one that saw the clock or the
         # signal first (one host-side reduction per tick, multi-process only).
         clock_due = cfg.checkpoint_minutes > 0 and time.time() - last_checkpoint >= 60 * cfg.checkpoint_minutes
@@ -260,10 +279,10 @@ def co_train(cfg: RunConfig, world: World, accelerator: Accelerator, outputs: Ru
                                                        stop.signum if stop is not None else 0])
         if due or signum:
             streams.join()
-            flush_counts(state, window)
+            flush_counts(state, window, pool, accelerator)
             state.elapsed_seconds = time.time() - run_start
             outputs.save_checkpoint(accelerator, plain_student, optimizer, schedule, buffer, state, rng_state(),
-                                    batch_generator.get_state(), [generator.batch_state(b) for b in in_flight])
+                                    batch_generator.get_state(), in_flight_state(pool, pending))
             last_checkpoint = time.time()
             if signum:
                 log.warning("stopped at tick %d, student step %d, checkpoint written: --resume continues", state.tick,
@@ -272,11 +291,11 @@ def co_train(cfg: RunConfig, world: World, accelerator: Accelerator, outputs: Ru
 
     # 5. Final outputs (the last metrics line has evaluated the student) -------------------------------------------
     streams.join()
-    flush_counts(state, window)
+    flush_counts(state, window, pool, accelerator)
     state.elapsed_seconds = time.time() - run_start
     final_acc = state.last_acc  # evaluated by the metrics line of the last student step
     outputs.save_checkpoint(accelerator, plain_student, optimizer, schedule, buffer, state, rng_state(),
-                            batch_generator.get_state(), [])
+                            batch_generator.get_state(), in_flight_state(pool, []))
     images_made = int(accelerator.reduce(torch.tensor(buffer.total_added, device=device), "sum"))
     summary = {"student_acc": final_acc, "best_student_acc": state.best_acc, "student_steps": state.student_step,
                "images": images_made, "ticks": state.tick, "wall_seconds": round(state.elapsed_seconds, 1),
@@ -382,10 +401,23 @@ def fill_with_real_data(cfg: RunConfig, world: World, buffer: ReplayBuffer, devi
         buffer.add(x, logits, targets.to(device), pick[i : i + 500])
 
 
-def flush_counts(state: LoopState, window: dict) -> None:
-    """Move the device-side skip count into the host-side state (a host sync: log and checkpoint points only)."""
-    state.skipped_student_steps += int(window["skipped_student"])
+def flush_counts(state: LoopState, window: dict, pool=None, accelerator=None) -> None:
+    """Move the device-side skip counts into the host-side state (a host sync: log and checkpoint points only). With
+    ``accelerator`` (checkpoint and end: a collective) the latent skips are summed over processes too."""
+    state.skipped_student_steps += int(window["skipped_student"])  # the same on every process (see student_step)
     window["skipped_student"].zero_()
+    if accelerator is not None:
+        if pool is not None:
+            window["skipped"] += pool.take_skipped()
+        state.skipped_latent_steps += int(accelerator.reduce(window["skipped"].reshape(1), "sum")[0])
+        window["skipped"].zero_()
+
+
+def in_flight_state(pool, pending: list[Finished]) -> dict:
+    """What a checkpoint keeps of the generation side: the pool's samples in flight and the finished micro-batches
+    not yet handed to the buffer."""
+    return {"pool": pool.state_dict() if pool is not None else None,
+            "pending": [{k: v.clone() for k, v in vars(done).items()} for done in pending]}
 
 
 def log_metrics(cfg, state, window, buffer, world, student, outputs: RunOutputs, run_start, accelerator) -> None:
@@ -402,8 +434,8 @@ def log_metrics(cfg, state, window, buffer, world, student, outputs: RunOutputs,
         for name, value in terms.items():
             line[prefix + name] = float(accelerator.reduce(value.detach().float().reshape(1), "mean"))
     state.skipped_latent_steps += counts[4]
-    flush_counts(state, window)  # reduced already: every process masks the same steps
-    window["inv"], window["skipped"] = {}, 0
+    flush_counts(state, window)
+    window["skipped"].zero_()  # window["inv"] stays: the terms of the last guided step, also on lines without one
     line["skipped_latent_steps"] = state.skipped_latent_steps
     line["skipped_student_steps"] = state.skipped_student_steps  # the same on every process (see student_step)
     if device.type == "cuda":

@@ -145,6 +145,14 @@ def guided_sampler(cfg: RunConfig, info: DatasetInfo, teacher: ClassifierSpec, v
         raise UserError(f"--scheduler {cfg.scheduler}: {err}") from None
 
 
+def check_pool_scheduler(cfg: RunConfig, sampler: GuidedSampler) -> None:
+    """The co-training loop's generation pool writes DDIM and DDPM updates out itself (engine/synthesis/pool.py)."""
+    try:
+        step_tables(sampler.prior.scheduler, cfg.sampler_steps, "cpu")
+    except ValueError as err:
+        raise UserError(f"--scheduler {cfg.scheduler}: {err}") from None
+
+
 def check_buffer_fits(cfg: RunConfig, info: DatasetInfo, view: TeacherView, device: torch.device) -> None:
     """The replay buffer is allocated whole at the start: refuse one larger than the device's memory (ranks on one
     machine share its RAM, so the whole buffer is compared)."""
@@ -205,6 +213,7 @@ def build_world(cfg: RunConfig, device: torch.device) -> World:
     generator, prior = None, None
     if cfg.method in ("diffdfkd", "dmkd"):
         generator = guided_sampler(cfg, info, teacher, view, device)
+        check_pool_scheduler(cfg, generator)
         prior = generator.prior
         if cfg.guidance_scale != RunConfig.guidance_scale and not prior.condition([0]).is_conditional:
             log.warning("the prior is unconditional: --guidance-scale %g has no effect", cfg.guidance_scale)

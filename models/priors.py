@@ -85,6 +85,10 @@ class Cond:
     def is_conditional(self) -> bool:
         return self.cond is not None
 
+    def select_rows(self, rows: slice) -> Cond:
+        """The conditioning of a contiguous range of the batch (a view, no index tensor)."""
+        return Cond(self.uncond[rows], None if self.cond is None else self.cond[rows])
+
     def select(self, index: torch.Tensor) -> Cond:
         """The conditioning of a subset of the batch (``index``: long indices or a bool mask)."""
         index = index.to(self.uncond.device)
@@ -224,10 +228,15 @@ class DiffusionPrior(nn.Module):
             if batch_size is None:
                 raise ValueError("condition(None) needs batch_size")
             return Cond(self._null_condition(batch_size))
-        class_ids = torch.as_tensor(class_ids, dtype=torch.long, device=self.device).reshape(-1)
-        # Once per batch, not per step: an out-of-range id would otherwise be a device-side assert on CUDA.
-        if len(class_ids) and (int(class_ids.min()) < 0 or int(class_ids.max()) >= self.num_classes):
+        class_ids = torch.as_tensor(class_ids, dtype=torch.long).reshape(-1)
+        # Once per batch, not per step: an out-of-range id would otherwise be a device-side assert on CUDA. Host ids
+        # are checked on the host and copied over without a sync (the generation pool's case).
+        ids = class_ids.tolist() if class_ids.device.type == "cpu" else None
+        low, high = (min(ids, default=0), max(ids, default=0)) if ids is not None else \
+            (int(class_ids.min()), int(class_ids.max())) if len(class_ids) else (0, 0)
+        if low < 0 or high >= self.num_classes:
             raise ValueError(f"class ids must lie in [0, {self.num_classes}), got {class_ids.tolist()}")
+        class_ids = class_ids.to(self.device, non_blocking=True)
         if not self.class_conditional:
             return Cond(self._null_condition(len(class_ids)), self._fixed_condition(len(class_ids)))
         return Cond(self._null_condition(len(class_ids)), self._class_condition(class_ids))

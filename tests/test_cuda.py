@@ -17,25 +17,45 @@ def test_stream_pair_orders_the_snapshot_after_training_on_cuda():
     streams = StreamPair(device, enabled=True)
     student = torch.nn.Linear(256, 256).to(device)
     snapshot = torch.nn.Linear(256, 256).to(device)
-    with streams.on("train"):
-        for _ in range(20):  # a queue of writes on the train stream
+    streams.begin()
+    with streams.on("train"):  # tick n−1: a queue of writes, then the snapshot for tick n
+        for _ in range(20):
             student.weight.data.add_(1.0)
-        streams.record("trained", "train")
-    with streams.on("gen"):
-        streams.wait("gen", "trained")
         copy_weights(snapshot, student)
-        streams.record("snapshotted", "gen")
+        streams.record("snapshotted", "train")
+    with streams.on("gen"):  # tick n: the generator reads the snapshot only after it was written
+        streams.wait("gen", "snapshotted")
+        seen = snapshot.weight.detach().clone()
+        streams.record("generated", "gen")
     streams.join()
-    torch.testing.assert_close(snapshot.weight, student.weight)
+    torch.testing.assert_close(seen, student.weight)
 
 
-def test_online_run_with_streams_on_cuda(world, tmp_path):
+def test_online_run_with_streams_on_cuda(world, tmp_path, capsys):
     from engine.run import main
 
-    code, out, err = run_main(main, [*world.argv(tmp_path / "run"), "--device", "cuda"])
+    code, out, err = run_main(main, [*world.argv(tmp_path / "run"), "--device", "cuda"], capsys)
     assert code == 0, err
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["student_steps"] == 8 and summary["images"] == 16
+
+
+def test_steady_state_ticks_do_not_sync_on_cuda(world, tmp_path):
+    """tests/test_host_syncs.py on the GPU: no device scalar read in a steady-state tick with CUDA tensors either
+    (``benchmarks.throughput --sync-debug`` shows CUDA's own sync warnings for a whole run)."""
+    from benchmarks.host_syncs import count_ticks, steady
+    from engine.config import parse_config
+    from engine.outputs import RunOutputs
+    from engine.run import make_accelerator
+    from engine.world import build_world
+    from tests.test_host_syncs import QUIET
+
+    cfg = parse_config(world.argv(tmp_path / "run", *QUIET, "--device", "cuda")).resolved()
+    built = build_world(cfg, torch.device("cuda"))
+    (tmp_path / "run").mkdir()
+    ticks = count_ticks(cfg, built, make_accelerator("cuda", "no"), RunOutputs(tmp_path / "run"))
+    kept = steady(ticks)
+    assert len(kept) >= 10 and [t["syncs"] for t in kept] == [0] * len(kept), [t["sites"] for t in kept]
 
 
 def test_memory_target_picks_the_largest_chunk_that_fits_on_cuda(world, tmp_path):

@@ -28,16 +28,17 @@ def fingerprint(module: torch.nn.Module) -> torch.Tensor:
 
 @dataclass
 class Recording:
-    """What one run did, per tick (a tick's generation phase starts with the snapshot refresh)."""
+    """What one run did, per tick (a tick ends with the loop's once-per-tick checkpoint decision)."""
 
     ticks: list[dict] = field(default_factory=list)
     images: int = 0  # images added to the replay buffer so far
     initial_student: torch.Tensor | None = None
     snapshot_ids: set[int] = field(default_factory=set)
     student_ids: set[int] = field(default_factory=set)
+    order: list[str] = field(default_factory=list)  # hand-over / generate / train / snapshot, in program order
 
     def new_tick(self) -> None:
-        self.ticks.append({"steps": [], "adds": [], "kd": []})
+        self.ticks.append({"steps": [], "adds": [], "kd": [], "snapshot": None, "kd_batches": []})
 
     @property
     def current(self) -> dict:
@@ -55,71 +56,120 @@ def record_run(world, tmp_path: Path, monkeypatch, *flags: str) -> tuple[Recordi
     built = build_world(cfg, torch.device("cpu"))
     rec = Recording(initial_student=fingerprint(built.student))
 
-    real_copy, real_step, real_add = engine.loop.copy_weights, built.generator.step, ReplayBuffer.add
-    real_student_step = engine.loop.student_step
+    real_copy, real_add, real_sample = engine.loop.copy_weights, ReplayBuffer.add, ReplayBuffer.sample
+    real_student_step, real_make_pool = engine.loop.student_step, engine.loop.make_pool
+    real_end_of_tick = engine.loop.max_over_processes
 
-    def copy_then_mark(target, source):  # called once per generating tick, before any latent step
+    def copy_then_mark(target, source):  # the snapshot for the next tick, after this tick's student steps
         real_copy(target, source)
-        rec.new_tick()
+        rec.current["snapshot"] = fingerprint(source)
+        rec.order.append("snapshot")
         rec.snapshot_ids.add(id(target))
         rec.student_ids.add(id(source))
 
-    def step(batch, student=None):
-        real_step(batch, student)
-        rec.current["steps"].append({"batch": int(batch.seeds[0]) // cfg.gen_batch, "student": fingerprint(student),
-                                     "adv": "adv" in batch.last_terms, "kd_so_far": len(rec.kd_events()),
-                                     "images_so_far": rec.images})
-        rec.snapshot_ids.add(id(student))
+    def make_pool(generator, rng):
+        pool = real_make_pool(generator, rng)
+        real_tick = pool.tick
+
+        def tick(student=None):
+            batches = sorted({int(s) // cfg.gen_batch for s in pool.seeds.tolist()})
+            kd_so_far, images_so_far = len(rec.kd_events()), rec.images
+            finished = real_tick(student)
+            rec.order.append("generate")
+            for batch in batches:
+                rec.current["steps"].append({"batch": batch, "student": fingerprint(student),
+                                             "adv": "adv" in pool.last_terms(), "kd_so_far": kd_so_far,
+                                             "images_so_far": images_so_far})
+            rec.current["finished_seeds"] = [int(s) for done in finished for s in done.seeds.tolist()]
+            rec.snapshot_ids.add(id(student))
+            return finished
+
+        monkeypatch.setattr(pool, "tick", tick)
+        return pool
 
     def add(buffer, *args):
         real_add(buffer, *args)
         rec.images += len(args[0])
         rec.current["adds"].append(len(buffer))
+        rec.order.append("hand-over")
+
+    def sample(buffer, batch_size, generator=None):
+        out = real_sample(buffer, batch_size, generator)
+        rec.current["kd_batches"].append(set(buffer.seeds[: len(buffer)].tolist()))  # what the draw could return
+        return out
 
     def student_step(cfg_, student, plain_student, teacher, view, buffer, *rest):
-        terms = real_student_step(cfg_, student, plain_student, teacher, view, buffer, *rest)
+        out = real_student_step(cfg_, student, plain_student, teacher, view, buffer, *rest)
         rec.current["kd"].append({"student": fingerprint(plain_student), "images": buffer.total_added})
-        return terms
+        rec.order.append("train")
+        return out
+
+    def end_of_tick(accelerator, values):
+        rec.new_tick()
+        return real_end_of_tick(accelerator, values)
 
     monkeypatch.setattr(engine.loop, "copy_weights", copy_then_mark)
-    monkeypatch.setattr(built.generator, "step", step)
+    monkeypatch.setattr(engine.loop, "make_pool", make_pool)
     monkeypatch.setattr(ReplayBuffer, "add", add)
+    monkeypatch.setattr(ReplayBuffer, "sample", sample)
     monkeypatch.setattr(engine.loop, "student_step", student_step)
+    monkeypatch.setattr(engine.loop, "max_over_processes", end_of_tick)
     (tmp_path / "run").mkdir()
     summary = co_train(cfg, built, make_accelerator("cpu", "no"), RunOutputs(tmp_path / "run"))
+    rec.ticks.pop()  # opened after the last tick
     return rec, summary, cfg
 
 
-# --- the snapshot hand-off ------------------------------------------------------------------------------------------
-def test_adversarial_term_at_tick_n_plus_1_sees_the_updates_of_tick_n(world, tmp_path, monkeypatch):
+# --- the snapshot hand-off and the overlap order ---------------------------------------------------------------------
+def test_adversarial_term_of_tick_n_sees_the_weights_written_in_tick_n_minus_1(world, tmp_path, monkeypatch):
     rec, summary, _ = record_run(world, tmp_path, monkeypatch, "--adv-warmup-images", "0", "--kd-steps-per-tick", "1",
                                  "--student-steps", "6")
     assert summary["student_steps"] == 6
     assert len(rec.snapshot_ids & rec.student_ids) == 0  # the generator reads a copy, never the trained module
     assert len(rec.snapshot_ids) == 1  # ... always the same double buffer
-    latest, before_latest, checked = rec.initial_student, None, 0
+    latest, checked = rec.initial_student, 0
     for n, tick in enumerate(rec.ticks):
         for step in tick["steps"]:
             assert step["adv"], f"tick {n}: L_adv was not computed"
-            assert torch.equal(step["student"], latest), f"tick {n}: the snapshot is not the latest student"
-            if before_latest is not None:
-                assert not torch.equal(step["student"], before_latest), f"tick {n}: the snapshot is one step stale"
+            assert torch.equal(step["student"], latest), f"tick {n}: the snapshot is not tick {n - 1}'s student"
+        if tick["kd"]:  # the weights this tick's updates wrote: the snapshot for tick n+1
+            assert torch.equal(tick["snapshot"], tick["kd"][-1]["student"])
+            if tick["steps"]:
+                assert not torch.equal(tick["kd"][-1]["student"], latest)  # ... so tick n's L_adv could not see them
                 checked += 1
-        for kd in tick["kd"]:  # the updates of this tick: what the next tick's snapshot must hold
-            before_latest, latest = latest, kd["student"]
-    assert checked >= 8  # several ticks with student updates before them (not a vacuous pass)
+            latest = tick["snapshot"]
+    assert checked >= 3  # several ticks that both generate and train (not a vacuous pass)
+
+
+def test_kd_batches_of_tick_n_never_hold_images_finished_in_tick_n(world, tmp_path, monkeypatch):
+    rec, _, cfg = record_run(world, tmp_path, monkeypatch, "--student-steps", "14")
+    checked = 0
+    for n, tick in enumerate(rec.ticks):
+        finished_now = set(tick.get("finished_seeds", []))
+        for drawable in tick["kd_batches"]:
+            assert not drawable & finished_now, f"tick {n}: a KD batch could draw images finished in the same tick"
+            checked += bool(finished_now)
+    assert checked >= 3
+    # The order within a tick: last tick's images in, then generation and training side by side, then the snapshot.
+    assert rec.order.index("hand-over") < rec.order.index("train")
+    for n, tick in enumerate(rec.ticks):
+        if tick["kd"] and n + 1 < len(rec.ticks) and rec.ticks[n + 1]["adds"]:
+            assert rec.ticks[n + 1]["adds"][0] > (tick["adds"] or [0])[-1]  # images arrive one tick after finishing
 
 
 def test_stream_pair_is_a_no_op_on_cpu():
     for enabled in (True, False):
         streams = StreamPair(torch.device("cpu"), enabled)
         assert streams.enabled is False
-        with streams.on("gen"):
-            streams.wait("gen", "trained")
-            streams.record("snapshotted", "gen")
+        streams.begin()
         with streams.on("train"):
-            streams.wait("train", "snapshotted")
-            streams.record("trained", "train")
+            streams.wait("train", "generated")
+            streams.hand_over(torch.zeros(2), to="train")
+        with streams.on("gen"):
+            streams.wait("gen", "snapshotted")
+            streams.record("generated", "gen")
+        with streams.on("train"):
+            streams.record("snapshotted", "train")
         streams.join()
 
 
@@ -142,9 +192,9 @@ def test_micro_batches_are_staggered_and_the_buffer_fills_continuously(world, tm
     # 4 micro-batches of 4 images, 4 sampler steps, 2 in flight: a new batch every 2 ticks, one finishes every 2 ticks.
     rec, summary, _ = record_run(world, tmp_path, monkeypatch, "--student-steps", "14")
     stepped = [[s["batch"] for s in tick["steps"]] for tick in rec.ticks]
-    assert stepped == [[0], [0], [0, 1], [0, 1], [1, 2], [1, 2], [2, 3], [2, 3], [3], [3]]
+    assert stepped == [[0], [0], [0, 1], [0, 1], [1, 2], [1, 2], [2, 3], [2, 3], [3], [3], []]  # tick 10: hand-over
     fills = {n: tick["adds"] for n, tick in enumerate(rec.ticks) if tick["adds"]}
-    assert fills == {3: [4], 5: [8], 7: [12], 9: [16]}
+    assert fills == {4: [4], 6: [8], 8: [12], 10: [16]}  # handed to the buffer the tick after they finish
     assert summary["images"] == 16
 
 
@@ -159,19 +209,20 @@ def test_micro_batch_labels_and_seeds():
 # --- schedules and the student-step rate ----------------------------------------------------------------------------
 def test_online_training_starts_while_generating_and_spreads_over_it(world, tmp_path, monkeypatch):
     rec, summary, cfg = record_run(world, tmp_path, monkeypatch, "--student-steps", "14")
-    # Generation spans ticks 0..9; the buffer first holds --min-buffer 4 images at tick 3: 7 ticks x 2 steps.
+    # Generation spans ticks 0..9 and its images reach the buffer one tick later: it first holds --min-buffer 4
+    # images at tick 4, the last arrive at tick 10: 7 ticks x 2 steps.
     assert kd_rate(cfg, 4, batches_left=4, steps_left=14) == 2.0
-    assert [len(tick["kd"]) for tick in rec.ticks] == [0, 0, 0, 2, 2, 2, 2, 2, 2, 2]
+    assert [len(tick["kd"]) for tick in rec.ticks] == [0, 0, 0, 0, 2, 2, 2, 2, 2, 2, 2]
     images_seen = [kd["images"] for kd in rec.kd_events()]
     assert images_seen[0] == 4 and images_seen[-1] == 16  # began with 4 of 16 images, ended as the last arrived
-    assert summary["student_steps"] == 14 and summary["ticks"] == 10
+    assert summary["student_steps"] == 14 and summary["ticks"] == 11
 
 
 def test_offline_schedule_trains_only_after_every_image_exists(world, tmp_path, monkeypatch):
     rec, summary, _ = record_run(world, tmp_path, monkeypatch, "--schedule", "offline")
     assert all(kd["images"] == 16 for kd in rec.kd_events())
     generating = [tick for tick in rec.ticks if tick["steps"]]
-    assert all(not tick["kd"] for tick in generating[:-1]) and generating[-1]["adds"] == [16]
+    assert all(not tick["kd"] for tick in generating) and rec.ticks[len(generating)]["adds"] == [16]
     assert summary["student_steps"] == 8 and summary["ticks"] == 10 + 8  # then one student step per tick
 
 
@@ -191,7 +242,7 @@ def test_kd_rate():
 def test_fractional_rates_finish_with_generation(world, tmp_path, monkeypatch, student_steps):
     rec, summary, cfg = record_run(world, tmp_path, monkeypatch, "--student-steps", str(student_steps))
     rate = kd_rate(cfg, 4, 4, student_steps)
-    per_tick = [len(tick["kd"]) for tick in rec.ticks[3:10]]
+    per_tick = [len(tick["kd"]) for tick in rec.ticks[4:11]]
     assert all(math.floor(rate) <= k <= math.ceil(rate) for k in per_tick)
     assert sum(per_tick) >= student_steps - 1  # at most one step (float rounding) after the last image
     assert summary["student_steps"] == student_steps and summary["images"] == 16

@@ -12,7 +12,7 @@ from accelerate import Accelerator
 from safetensors.torch import load_file
 
 import engine.loop
-import engine.sampler
+import engine.synthesis.guided
 from engine.config import RunConfig
 from engine.loop import student_step
 from engine.replay_buffer import ReplayBuffer
@@ -94,7 +94,7 @@ def test_a_non_finite_first_step_leaves_a_fresh_optimizer_fresh(monkeypatch):
 def test_a_run_with_non_finite_steps_completes_and_counts_them(world, tmp_path, capsys, monkeypatch):
     """The 2nd KD loss is NaN; the 1st guided step's class loss is NaN for one sample, whose gradient then is."""
     monkeypatch.setattr(engine.loop, "kd_kl_loss", nan_on_calls(engine.loop.kd_kl_loss, {2}))
-    real_cls = engine.sampler.class_prior_loss
+    real_cls = engine.synthesis.guided.class_prior_loss
     cls_calls = [0]
 
     def nan_for_sample_0_once(logits, targets):
@@ -103,7 +103,7 @@ def test_a_run_with_non_finite_steps_completes_and_counts_them(world, tmp_path, 
             logits = logits + torch.zeros_like(logits).index_fill(0, torch.tensor([0]), float("nan"))
         return real_cls(logits, targets)
 
-    monkeypatch.setattr(engine.sampler, "class_prior_loss", nan_for_sample_0_once)
+    monkeypatch.setattr(engine.synthesis.guided, "class_prior_loss", nan_for_sample_0_once)
     run_dir = tmp_path / "run"
     code, out, err = run_main(main, world.argv(run_dir), capsys)
     assert code == 0, err

@@ -104,12 +104,12 @@ def test_resume_before_the_first_checkpoint_starts_from_scratch(world, tmp_path,
 
 def test_resume_logs_each_step_once(world, tmp_path, monkeypatch, capsys):
     run_dir = tmp_path / "run"
-    crashed_run(world, run_dir, monkeypatch, "--checkpoint-every", "2", at=7)  # killed after metrics past the ckpt
+    crashed_run(world, run_dir, monkeypatch, "--checkpoint-every", "3", at=7)  # killed after metrics past the ckpt
     at = torch.load(run_dir / "checkpoint.pt", weights_only=False)["state"]["student_step"]
     assert max(steps(run_dir)) > at  # lines the resumed run will write again
     with open(run_dir / "metrics.jsonl", "a") as f:
         f.write('{"student_step": 6, "tick"')  # and a partial last line of a killed write
-    ok(world, run_dir, capsys, "--checkpoint-every", "2", "--resume")
+    ok(world, run_dir, capsys, "--checkpoint-every", "3", "--resume")
     assert steps(run_dir) == [2, 4, 6, 8]
 
 

@@ -391,7 +391,7 @@ def test_cutmix_makes_soft_labels_and_repair_regenerates_only_the_band(prior, te
 def test_repair_leaves_samples_that_were_not_mixed_on_their_own_trajectory(prior, teacher, view, monkeypatch):
     """With cutmix_prob < 1 a sample that misses the draw has no seam: it must follow exactly the trajectory it
     has without CutMix (per-sample guidance only, so its batch mates cannot move it), guided step included."""
-    import engine.sampler as sampler_module
+    import engine.synthesis.guided as sampler_module
 
     boxes = []
 
