@@ -65,7 +65,8 @@ def test_pixel_prior_end_to_end(tiny, tmp_path):
         assert image.size == (8, 8)  # the teacher's resolution
     assert {p.name for p in out.iterdir() if p.is_file()} == {"labels.pt", "grid.png", "synthesis.json"}
     with Image.open(out / "grid.png") as grid:
-        assert grid.size[0] > grid.size[1] // 2  # 10 columns x 10 class rows
+        # One row per class; 12 images of 10 classes fill one column (no empty cells); 8 px shown at 7x (56 px).
+        assert grid.size == (56 + 2 * 2, 10 * (56 + 2) + 2)
     meta = json.loads((out / "synthesis.json").read_text())
     assert meta["images_per_s"] > 0 and meta["config"]["images"] == 12 and meta["guidance"]["cls"] == 10.0
     assert [p.name for p in tmp_path.iterdir()] == ["synthetic"]  # no temp folders left behind
