@@ -54,7 +54,8 @@ def main(argv: list[str] | None = None) -> int:
                                      text=True).stdout)
     synthesis = json.loads((folder / "synthesis.json").read_text())
     results = {"world": args.world, "unguided": agreement(folder), "teacher_real_test_accuracy": real["accuracy"],
-               "synthesis": {k: synthesis.get(k) for k in ("sampler_steps", "guidance_scale", "scheduler", "prior")},
+               "synthesis": {k: synthesis["config"][k] for k in ("sampler_steps", "guidance_scale", "scheduler")}
+               | {k: synthesis[k] for k in ("prior", "teacher_checkpoint", "command", "seconds")},
                "extra_flags": args.extra}
     out = args.out or RESULTS_DIR / f"prior_fidelity_{args.world}.json"
     write_results(results | run_metadata("benchmarks.prior_fidelity", argv), out)

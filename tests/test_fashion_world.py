@@ -73,13 +73,17 @@ def test_evaluate_remeasures_the_committed_fashion_teacher(capsys):
     assert result["n"] == 10_000 and result["accuracy"] == pytest.approx(recorded, abs=1e-4)
 
 
-def test_committed_prior_loads_with_the_fashion_classes():
-    from models.priors import load_prior
+def test_the_fashion_preset_loads_the_committed_prior_with_the_fashion_classes():
+    from engine.datasets import FASHION_CLASSES, dataset_info
+    from engine.world import load_run_prior
 
     names = json.loads((PRIOR / "provenance.json").read_text())["class_names"]
-    prior = load_prior(str(PRIOR), names)
+    assert tuple(names) == FASHION_CLASSES
+    cfg = parse_config(["--world", "fashion"]).resolved()
+    info = dataset_info(cfg.dataset) if FASHION_MNIST_DIR.is_dir() else None
+    prior = load_run_prior(cfg, info or type("Info", (), {"class_names": FASHION_CLASSES})(), torch.device("cpu"))
+    assert prior.source == str(PRIOR)  # the fashion prior, not the digits one
     assert prior.image_size == 28 and prior.condition([0, 9]).is_conditional
-    assert names[0] == "t-shirt" and len(names) == 10
 
 
 # --- presets ---------------------------------------------------------------------------------------------------------
