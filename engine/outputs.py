@@ -257,10 +257,12 @@ class RunOutputs:
                         "the other outputs are written")
 
     def write_guidance_grid(self, generator, student, num_classes: int, seed: int, accelerator, batch_size: int,
-                            per_class: int = 4, max_classes: int = 10) -> None:
+                            budget: int, max_per_class: int = 4, max_classes: int = 10) -> None:
         """guided_vs_unguided.png: for the same seeds, the prior alone (left: no teacher guidance, no CutMix) and
-        the run's guided sampler with the final student (right); one row per class (the first ``max_classes``)."""
+        the run's guided sampler with the final student (right); one row per class (the first ``max_classes``),
+        never more images a side than the run's image ``budget``."""
         classes = min(num_classes, max_classes)
+        per_class = max(1, min(max_per_class, budget // classes))
         labels = torch.arange(classes).repeat_interleave(per_class)
         seeds = seed * 10_000_000 + torch.arange(len(labels))  # the seeds of the run's first images
         plain = copy.copy(generator)  # the same prior and teacher; its own config and loss weights

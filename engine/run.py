@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
                 summary = co_train(cfg, world, accelerator, outputs, checkpoint, stop)
                 if is_main and cfg.method == "diffdfkd" and cfg.guidance_grid:  # the same seeds, guided or not
                     outputs.write_guidance_grid(world.generator, world.student, world.info.num_classes, cfg.seed,
-                                                accelerator, cfg.gen_batch)
+                                                accelerator, cfg.gen_batch, cfg.images)
         except Stopped as stopped:
             return stopped.exit_code
         finally:

@@ -121,16 +121,19 @@ def test_samples_grid_columns_follow_the_fullest_common_count():
     assert class_grid(images, labels, 4, per_class=3).shape[-1] == 3 * 58 + 2
 
 
-def test_guided_vs_unguided_grid(finished_run):
-    # One row per class (10), 4 unguided | a white gap column | 4 guided, the same seeds; 14 px prior images are
-    # resized to the 28 px teacher and shown at 2x.
-    rows, columns, cells = grid_cells(finished_run / "guided_vs_unguided.png", cell=56)
-    assert (rows, columns) == (10, 9)
-    gaps = cells[4::9]
-    assert all((cell == 255).all() for cell in gaps)
-    unguided = [c for i, c in enumerate(cells) if i % 9 < 4]
-    guided = [c for i, c in enumerate(cells) if i % 9 > 4]
-    assert any((u != g).any() for u, g in zip(unguided, guided))  # teacher guidance changed the images
+def test_guided_vs_unguided_grid(finished_run, world, tmp_path, capsys):
+    # One row per class (10): unguided | a white gap column | guided, the same seeds; 14 px prior images are resized
+    # to the 28 px teacher and shown at 2x. 16 images of budget: 1 a class and side; 40 or more: 4.
+    for run_dir, per_class in [(finished_run, 1), (tmp_path / "run", 4)]:
+        if per_class == 4:
+            run_ok(world, run_dir, capsys, "--images", "40", "--student-steps", "2")
+        rows, columns, cells = grid_cells(run_dir / "guided_vs_unguided.png", cell=56)
+        width = 2 * per_class + 1
+        assert (rows, columns) == (10, width)
+        assert all((cell == 255).all() for cell in cells[per_class::width])
+        unguided = [c for i, c in enumerate(cells) if i % width < per_class]
+        guided = [c for i, c in enumerate(cells) if i % width > per_class]
+        assert any((u != g).any() for u, g in zip(unguided, guided))  # teacher guidance changed the images
 
 
 def test_no_guidance_grid_flag_and_other_methods(world, tmp_path, capsys):
