@@ -1,5 +1,7 @@
 """What one loop tick costs on the default world: a guided denoising step per image for each grad mode, and a
-student KD step for each KD setting. The real sampler (engine/sampler.py) and the real KD step (engine/loop.py).
+student KD step for each KD setting. Measured through the engine's own pieces of a tick: the generation pool's
+``tick`` (engine/synthesis/pool.py, ``--in-flight`` micro-batches of ``--gen-batch`` in flight, every one guided) and
+``engine.loop.student_step``.
 
     python -m benchmarks.step_costs --threads 2
 """
@@ -26,6 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--gen-batch", type=int, default=50)
+    parser.add_argument("--in-flight", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", default=RESULTS_DIR / "step_costs.json")
     args = parser.parse_args(argv)
@@ -38,7 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     from engine.datasets import dataset_info
     from engine.loop import student_step
     from engine.replay_buffer import ReplayBuffer
-    from engine.sampler import GuidanceConfig, GuidedSampler, TeacherView
+    from engine.synthesis.guided import GuidanceConfig, GuidedSampler, TeacherView
+    from engine.synthesis.pool import DiffusionPool
     from losses import WeightedSum
     from models.priors import load_prior
     from models.registry import build_classifier
@@ -49,15 +53,17 @@ def main(argv: list[str] | None = None) -> int:
     prior = load_prior(str(DEFAULT_PRIOR), info.class_names)
     view = TeacherView(28, 1, teacher.mean, teacher.std)
     student = build_classifier(RunConfig().student, 10, 1).eval()
-    results: dict = {"threads": args.threads, "gen_batch": args.gen_batch, "guided_step_ms_per_image": {},
-                     "kd_step_ms": {}}
+    results: dict = {"threads": args.threads, "gen_batch": args.gen_batch, "in_flight": args.in_flight,
+                     "guided_step_ms_per_image": {}, "kd_step_ms": {}}
     modes = {"unguided (CFG 2)": dict(bn=0, cls=0), "full": {}, "full + adv": dict(adv=1.0),
              "detached": dict(grad_mode="detached"), "detached + reuse eps": dict(grad_mode="detached",
                                                                                  recompute_eps=False)}
     for name, overrides in modes.items():
         sampler = GuidedSampler(prior, teacher.model, view, 10, GuidanceConfig(steps=50, **overrides))
-        batch = sampler.start(torch.arange(args.gen_batch) % 10, torch.arange(args.gen_batch))
-        ms = per_call_ms(lambda: sampler.step(batch, student), args.repeats) / args.gen_batch  # noqa: B023
+        pool = DiffusionPool(sampler, torch.Generator().manual_seed(0))
+        for k in range(args.in_flight):  # all admitted together: every micro-batch is guided at every tick
+            pool.admit(torch.arange(args.gen_batch) % 10, torch.arange(args.gen_batch) + k * args.gen_batch)
+        ms = per_call_ms(lambda: pool.tick(student), args.repeats) / len(pool)  # noqa: B023
         results["guided_step_ms_per_image"][name] = ms
         print(f"guided step, {name:22s} {ms:7.2f} ms/image", flush=True)
 
@@ -71,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         trainee = build_classifier(RunConfig().student, 10, 1)
         optimizer = torch.optim.AdamW(trainee.parameters(), 1e-3)
         kd = WeightedSum({"kl": 1.0, "msarc": cfg.msarc}, name="L_kd")
-        generator = torch.Generator().manual_seed(0)
+        generator = torch.Generator().manual_seed(0)  # the loop's is on the training device: the CPU here
         args_kd = (cfg, trainee, trainee, teacher.model, view, buffer, optimizer, accelerator, kd, generator)
         ms = per_call_ms(lambda: student_step(*args_kd), 5 * args.repeats)  # noqa: B023
         results["kd_step_ms"][name] = ms
