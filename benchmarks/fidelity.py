@@ -1,6 +1,7 @@
 """DM-KD's first finding, tested with and without teacher guidance: does lower fidelity teach better?
 
     python -m benchmarks.fidelity --seeds 0 1 2 --images 300 --student-steps 300 --scales 1 4 --steps 5 15
+    python -m benchmarks.fidelity --world fashion ...          # -> benchmarks/results/fidelity_fashion.json
 
 A grid of classifier-free guidance scale × sampler steps, for ``--method dmkd`` (plain prior samples) and for ours,
 at one image budget and one student schedule. Per cell: student accuracy (mean ± std over seeds) and two fidelity
@@ -15,13 +16,22 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import RESULTS_DIR, run_metadata, write_results
-from benchmarks.engine_runs import budget_flags, budget_parser, budget_record, run_engines, seed_rows
+from benchmarks.common import run_metadata, write_results
+from benchmarks.engine_runs import (
+    add_world_flag,
+    budget_flags,
+    budget_parser,
+    budget_record,
+    run_engines,
+    seed_rows,
+    world_paths,
+)
 
 
 @torch.no_grad()
 def fidelity_proxies(run_dir: Path) -> dict:
-    """BN-statistics distance (batches of 100) and mean teacher confidence on a run's exported synthetic set."""
+    """BN-statistics distance (batches of 100) and mean teacher confidence on a run's exported synthetic set, for
+    the run's own teacher (its config.json)."""
     from engine.classifiers import resolve_classifier
     from engine.datasets import dataset_info
     from losses import bn_stat_distance
@@ -31,7 +41,8 @@ def fidelity_proxies(run_dir: Path) -> dict:
     from torchvision.transforms.functional import pil_to_tensor
 
     images = torch.stack([pil_to_tensor(Image.open(run_dir / "synthetic" / f).convert("L")) for f in labels["files"]])
-    teacher = resolve_classifier("default", dataset_info("mnist"))
+    config = json.loads((run_dir / "config.json").read_text())
+    teacher = resolve_classifier(config["teacher_checkpoint"], dataset_info(config["dataset"]))
     x = teacher.normalize(images.float() / 255)
     distances = [bn_stat_distance(teacher.model, x[i : i + 100]) for i in range(0, len(x) - 99, 100)]
     confidence = torch.softmax(labels["teacher_logits"], 1).max(1).values.mean().item()
@@ -64,12 +75,13 @@ def plot(results: dict, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = budget_parser(__doc__, images=1000, student_steps=1000, runs="runs/bench-fidelity",
-                           out=RESULTS_DIR / "fidelity.json")
+    parser = budget_parser(__doc__, images=1000, student_steps=1000, runs=None, out=None)
+    add_world_flag(parser)
     parser.add_argument("--scales", type=float, nargs="+", default=[1.0, 1.5, 2.0, 3.0, 4.0])
     parser.add_argument("--steps", type=int, nargs="+", default=[10, 25, 50])
     parser.add_argument("--methods", nargs="+", default=["dmkd", "diffdfkd"], choices=["dmkd", "diffdfkd"])
     args = parser.parse_args(argv)
+    world_paths(args, "fidelity")
     results = {"guidance_scales": args.scales, "sampler_steps": args.steps, "cells": {},
                "budget": budget_record(args)}
     cells = [(method, n, s) for method in args.methods for n in args.steps for s in args.scales]

@@ -208,3 +208,26 @@ def test_prior_fidelity_counts_teacher_agreement_per_class(tmp_path):
     result = agreement(tmp_path)
     assert result["teacher_agreement"] == 0.5 and result["per_class"] == {"a": 0.5, "b": 1.0, "c": 0.0}
     assert result["chance"] == pytest.approx(1 / 3, abs=1e-4) and result["images"] == 4
+
+
+def test_fidelity_proxies_use_the_runs_own_teacher(tmp_path, monkeypatch):
+    from PIL import Image
+
+    import benchmarks.fidelity as fidelity
+    import engine.classifiers
+    from engine.datasets import DIGIT_CLASSES, DatasetInfo
+
+    (tmp_path / "synthetic").mkdir()
+    Image.new("L", (28, 28)).save(tmp_path / "synthetic" / "0.png")
+    torch.save({"files": ["0.png"], "teacher_logits": torch.zeros(1, 10)}, tmp_path / "synthetic" / "labels.pt")
+    (tmp_path / "config.json").write_text(json.dumps({"teacher_checkpoint": "/w/teacher-fashion.safetensors",
+                                                      "dataset": "digits"}))
+    asked = []
+    real = engine.classifiers.resolve_classifier
+    monkeypatch.setattr(engine.classifiers, "resolve_classifier",
+                        lambda spec, info, arch=None: asked.append((spec, info.name)) or real("convnet-w8", info))
+    monkeypatch.setattr("engine.datasets.dataset_info",
+                        lambda name: DatasetInfo(name, DIGIT_CLASSES, (0.5,), (0.5,), 28, 1))
+    proxies = fidelity.fidelity_proxies(tmp_path)
+    assert asked == [("/w/teacher-fashion.safetensors", "digits")]  # the run's teacher and data, not the default's
+    assert proxies["teacher_confidence"] == pytest.approx(0.1)
