@@ -55,7 +55,8 @@ class RunConfig:
     teacher: str = opt("default", "pretrained name or checkpoint path")
     teacher_arch: str = opt("", "teacher architecture when the checkpoint has no JSON sidecar")
     student: str = opt("convnet2-w16", "student architecture (zoo name, tv:NAME or module:callable)")
-    prior: str = opt("default", "diffusers folder or hub id of the prior ('default' = the committed digits DDPM)")
+    prior: str = opt("default", "diffusers folder or hub id of the prior ('default' or 'digits', 'fashion' = the "
+                     "committed DDPMs)")
     dataset: str = opt("mnist", "the teacher's task; its real test split is used only to evaluate the student")
     data_root: str = opt("", "root folder of locally downloaded datasets (CIFAR, Tiny-ImageNet, DomainNet)")
     class_map: str = opt("", "JSON list/dict teacher class -> prior class id (DiT priors)")
