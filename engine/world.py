@@ -18,6 +18,7 @@ from engine.datasets import DatasetInfo, load_dataset
 from engine.deepinversion import DeepInversionConfig, DeepInversionGenerator
 from engine.errors import UserError
 from engine.sampler import GuidanceConfig, GuidedSampler, TeacherView
+from engine.synthesis.pool import step_tables
 from losses import msarc_loss
 from models.base import has_batchnorm
 
