@@ -31,7 +31,8 @@ class ReplayBuffer:
             raise ValueError(f"a batch of {n} does not fit a replay buffer of {self.capacity}")
         pixels = (images.detach().clamp(0, 1) * 255).round().to(torch.uint8)
         head = min(n, self.capacity - self.cursor)
-        for dst, src in ((slice(self.cursor, self.cursor + head), slice(0, head)), (slice(0, n - head), slice(head, n))):
+        parts = ((slice(self.cursor, self.cursor + head), slice(0, head)), (slice(0, n - head), slice(head, n)))
+        for dst, src in parts:
             if src.stop > src.start:
                 self.images[dst] = pixels[src]
                 self.logits[dst] = logits[src].detach().float()

@@ -15,9 +15,9 @@ from torch import nn
 from engine.classifiers import PRIORS, ClassifierSpec, resolve_classifier
 from engine.config import RunConfig, parse_class_map
 from engine.datasets import DatasetInfo, load_dataset
-from engine.deepinversion import DeepInversionConfig, DeepInversionGenerator
 from engine.errors import UserError
-from engine.sampler import GuidanceConfig, GuidedSampler, TeacherView
+from engine.synthesis.deepinversion import DeepInversionConfig, DeepInversionGenerator
+from engine.synthesis.guided import GuidanceConfig, GuidedSampler, TeacherView
 from engine.synthesis.pool import step_tables
 from losses import msarc_loss
 from models.base import has_batchnorm

@@ -15,9 +15,11 @@ One guided step per timestep t, for one micro-batch:
     4. z_{t−1} = scheduler.step(eps', t, z_t)        (eps' recomputed on the updated z_t, or reused)
     5. every k steps: Latent CutMix, then r steps of seam repair (inpainting with the same prior)
 
-A :class:`GenerationBatch` holds everything one micro-batch needs between steps, so the co-training loop can keep
-several in flight at staggered timesteps and advance each by one step per tick; :meth:`GuidedSampler.sample` is
-the plain loop over ``scheduler.timesteps`` for offline synthesis.
+A :class:`GenerationBatch` holds everything one micro-batch needs between steps, stepped with the prior's own
+diffusers scheduler (any variance-preserving one): :meth:`GuidedSampler.sample` is the plain loop over
+``scheduler.timesteps`` for offline synthesis (engine/synthesize.py). The co-training loop instead runs every
+micro-batch in flight in one :class:`~engine.synthesis.pool.DiffusionPool`, which shares this sampler's latent
+gradient (:meth:`GuidedSampler.latent_gradient`) and writes the DDIM/DDPM update out itself.
 """
 
 from __future__ import annotations

@@ -99,13 +99,15 @@ class DiffusionPool:
         self.device = sampler.device
         self.tables = step_tables(sampler.prior.scheduler, sampler.config.steps, self.device)
         self.steps = len(self.tables["t"])
-        self.blocks: list[Block] = []
+        self._empty()
+
+    def _empty(self) -> None:
         c, h, w = self.prior.latent_shape
-        k = sampler.num_classes
+        self.blocks: list[Block] = []
         self.z = torch.zeros((0, c, h, w), device=self.device)  # (N, C, H, W) z_t of every sample in flight
         self.step = torch.zeros(0, dtype=torch.long, device=self.device)  # (N,) step index
         self.labels = torch.zeros(0, dtype=torch.long, device=self.device)  # (N,)
-        self.label_weights = torch.zeros((0, k), device=self.device)  # (N, K) soft labels
+        self.label_weights = torch.zeros((0, self.sampler.num_classes), device=self.device)  # (N, K) soft labels
         self.seeds = torch.zeros(0, dtype=torch.long, device=self.device)  # (N,)
         self.cond: Cond | None = None
         self.skipped = torch.zeros((), dtype=torch.long, device=self.device)
@@ -314,7 +316,7 @@ class DiffusionPool:
                         (b.repair.free, b.repair.z0, b.repair.eps, b.repair.steps_left)) for b in self.blocks]})
 
     def load_state_dict(self, state: dict) -> None:
-        self.__init__(self.sampler, self.rng)
+        self._empty()
         self.rng.set_state(state["rng"])
         self.skipped = state["skipped"].to(self.device)
         start = 0
