@@ -84,7 +84,9 @@ def start_interval(cfg: RunConfig, steps_per_batch: int) -> int:
 def kd_rate(cfg: RunConfig, steps_per_batch: int, batches_left: int, steps_left: int, buffered: int = 0) -> float:
     """Student steps per tick so that the ``steps_left`` steps span the ticks that generate the ``batches_left``
     remaining micro-batches, from the first tick the buffer (now ``buffered`` images) holds ``min_buffer``. Counted
-    from the current state, so a resumed run, whose in-flight micro-batches restart, still makes every image."""
+    from the current state, so a resumed run, whose in-flight micro-batches restart, still makes every image. Images
+    reach the buffer the tick after they finish (4a below): that shifts the training window by one tick, not its
+    length."""
     if cfg.kd_steps_per_tick:
         return float(cfg.kd_steps_per_tick)
     if batches_left <= 0:  # nothing left to generate (real-data KD, or a run resumed after synthesis)
