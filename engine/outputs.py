@@ -36,6 +36,7 @@ from engine.tracking import (
     finish_trackers,
     grid_array,
     log_images,
+    prune_event_files,
     tracker_config,
     tracker_init_kwargs,
     write_curves,
@@ -161,6 +162,7 @@ class RunOutputs:
             except (ValueError, KeyError, TypeError):
                 pass
         atomic_write_text("".join(kept), path)
+        prune_event_files(self.dir / "tensorboard", student_step)
 
     def log(self, line: dict) -> None:
         if not self.is_main:

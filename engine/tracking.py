@@ -78,7 +78,7 @@ class AtomicTensorBoard(GeneralTracker):
         return self
 
     @contextlib.contextmanager
-    def _event_file(self):
+    def _event_file(self, step: int | None = None):
         """A SummaryWriter on a temp folder in the run dir; its one event file is renamed into place on close."""
         from torch.utils.tensorboard import SummaryWriter
 
@@ -88,8 +88,9 @@ class AtomicTensorBoard(GeneralTracker):
             yield writer
             writer.close()
             (written,) = Path(tmp).glob("events.out.tfevents.*")
-            # Time first, then a counter: file names sort in the order they were written (TensorBoard reads them so).
-            name = f"events.out.tfevents.{time.time_ns()}.{next(self.count):06d}.{os.getpid()}"
+            # Time first, then a counter: file names sort in the order they were written (TensorBoard reads them so);
+            # the step lets a resumed run drop what it logs again (prune_event_files).
+            name = f"events.out.tfevents.{time.time_ns()}.{next(self.count):06d}.{os.getpid()}.step{step or 0}"
             os.replace(written, self.logging_dir / name)
 
     @on_main_process  # init_trackers calls it on every process
@@ -99,16 +100,24 @@ class AtomicTensorBoard(GeneralTracker):
 
     @on_main_process
     def log(self, values: dict, step: int | None = None, **kwargs) -> None:
-        with self._event_file() as writer:
+        with self._event_file(step) as writer:
             for key, value in values.items():
                 writer.add_scalar(key, value, global_step=step)
 
     @on_main_process
     def log_images(self, values: dict, step: int | None = None, **kwargs) -> None:
         """``values``: name -> an (H, W, C) uint8 array."""
-        with self._event_file() as writer:
+        with self._event_file(step) as writer:
             for key, image in values.items():
                 writer.add_image(key, image, global_step=step, dataformats="HWC")
+
+
+def prune_event_files(logging_dir: Path, student_step: int) -> None:
+    """Drop the event files of steps after ``student_step``: a resumed run logs them again (as metrics.jsonl is cut
+    back), so each step appears once in TensorBoard."""
+    for path in logging_dir.glob("events.out.tfevents.*.step*"):
+        if int(path.name.rsplit(".step", 1)[1]) > student_step:
+            path.unlink()
 
 
 def log_images(accelerator, images: dict, step: int) -> None:

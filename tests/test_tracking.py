@@ -143,3 +143,27 @@ def test_tracker_grids_show_the_newest_images():
     assert images[:, 0, 0, 0].mul(10).round().tolist() == [6, 5, 4, 3]
     assert targets.argmax(1).tolist() == [0, 2, 1, 0]
     assert len(newest_images(buffer, 50)[0]) == 5
+
+
+def test_a_resumed_run_logs_each_step_once_to_tensorboard(world, tmp_path, capsys, monkeypatch):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    import engine.loop
+
+    run_dir, calls = tmp_path / "run", []
+    real_step = engine.loop.student_step
+
+    def crashing(*args, **kwargs):  # a kill after the checkpoint of tick 4, with steps logged past it
+        calls.append(1)
+        if len(calls) == 7:
+            raise KeyboardInterrupt
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(engine.loop, "student_step", crashing)
+    with pytest.raises(KeyboardInterrupt):
+        main(world.argv(run_dir, "--log-with", "tensorboard"))
+    monkeypatch.undo()
+    run_ok(world, run_dir, capsys, "--log-with", "tensorboard", "--resume")
+    events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0}).Reload()
+    assert [e.step for e in events.Scalars("kd_L_kd")] == [2, 4, 6, 8]  # not 2, 4, 6, 4, 6, 8
