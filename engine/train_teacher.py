@@ -93,14 +93,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--split", default=None, help="train split (default: trainval for mnist, the standard 60k; "
                         "train otherwise)")
     parser.add_argument("--epochs", type=float, default=3.0, help="passes over the train split (default: 3)")
-    parser.add_argument("--batch-size", type=int, default=128, help="(default: 128)")
+    parser.add_argument("--batch-size", type=int, default=128, help="images per step (default: 128)")
     parser.add_argument("--lr", type=float, default=3e-3, help="peak Adam learning rate, one-cycle (default: 3e-3)")
     parser.add_argument("--shift", type=int, default=None, help="random-crop padding in px (default: 2 for "
                         "grayscale, 1/8 of the image size for RGB: 4 at 32 px)")
     parser.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
                         help="random horizontal flips (default: on for RGB datasets, off for grayscale ones)")
     parser.add_argument("--device", default="auto", help="auto (CUDA when there is one) | cpu | cuda | cuda:N")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="initial weights and batches (default: 0)")
     parser.add_argument("--limit", type=int, default=None, help="use only the first N training images")
     parser.add_argument("--out", type=Path, default=None, help="writes OUT.safetensors and OUT.json (default: "
                         "teachers/DATASET-ARCH)")
@@ -113,6 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     shift = args.shift if args.shift is not None else (info.image_size // 8 if rgb else 2)
     flip = args.flip if args.flip is not None else rgb
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {device}: CUDA is not available here; use --device cpu (or auto)")
     name = f"{Path(args.dataset.split(':', 1)[-1]).name}-{arch}"  # imagefolder:/data/pets -> pets-resnet18
     out = args.out or Path("teachers") / re.sub(r"[^A-Za-z0-9_-]+", "-", name)
     model, provenance = train_classifier(arch, args.dataset, split, args.epochs, args.batch_size, args.lr,

@@ -171,3 +171,11 @@ def test_train_teacher_defaults_follow_the_data(stand_ins, unofficial_cifar, cap
     assert code == 0, err
     assert (calls["arch"], calls["shift"], calls["flip"]) == ("convnet-w64", 2, False)  # digits: no mirror images
     assert (tmp_path / "teachers" / "digits-convnet-w64.safetensors").exists()
+
+
+def test_train_teacher_refuses_cuda_where_there_is_none(capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    code, _, err = run_main(engine.train_teacher.main, ["--dataset", "digits", "--device", "cuda"], capsys)
+    assert code == 2 and err.strip().splitlines()[-1] == ("error: --device cuda: CUDA is not available here; use "
+                                                          "--device cpu (or auto)")
