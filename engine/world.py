@@ -36,7 +36,10 @@ class World:
     prior: object | None = None
 
 
-def guidance_config(cfg: RunConfig) -> GuidanceConfig:
+def guidance_config(cfg: RunConfig, device: torch.device | str = "cpu") -> GuidanceConfig:
+    guided_pass = cfg.guided_pass
+    if guided_pass == "auto":  # one big graph pays on a GPU; on CPU the per-micro-batch graphs are faster
+        guided_pass = "pool" if torch.device(device).type == "cuda" else "micro-batch"
     return GuidanceConfig(
         bn=cfg.bn, cls=cfg.cls, adv=0.0, step_size=cfg.step_size, guidance_scale=cfg.guidance_scale,
         steps=cfg.sampler_steps, grad_mode=cfg.grad_mode, recompute_eps=not cfg.reuse_eps,
@@ -44,7 +47,7 @@ def guidance_config(cfg: RunConfig) -> GuidanceConfig:
         divergence=cfg.divergence,
         cutmix_every=cfg.cutmix_every, cutmix_beta=cfg.cutmix_beta, cutmix_prob=cfg.cutmix_prob,
         repair_steps=cfg.repair_steps, repair_band=cfg.repair_band,
-        grad_chunk=cfg.grad_chunk, grad_checkpointing=cfg.grad_checkpointing,
+        grad_chunk=cfg.grad_chunk, guided_pass=guided_pass, grad_checkpointing=cfg.grad_checkpointing,
     )
 
 
@@ -141,7 +144,7 @@ def guided_sampler(cfg: RunConfig, info: DatasetInfo, teacher: ClassifierSpec, v
         raise UserError(f"the prior makes {prior.image_size}px images but the teacher needs {view.size}px; "
                         "use a prior of at least half the teacher's resolution")
     try:
-        return GuidedSampler(prior, teacher.model, view, info.num_classes, guidance_config(cfg))
+        return GuidedSampler(prior, teacher.model, view, info.num_classes, guidance_config(cfg, device))
     except ValueError as err:
         raise UserError(f"--scheduler {cfg.scheduler}: {err}") from None
 

@@ -161,3 +161,42 @@ def test_a_run_with_a_scheduler_the_pool_does_not_step_fails_in_one_line(world, 
 
     code, _, err = run_main(main, world.argv(tmp_path / "run", "--scheduler", "dpm"), capsys)
     assert code == 2 and "DDIM or DDPM" in err and "Traceback" not in err
+
+
+def test_micro_batch_guided_passes_give_the_pool_pass_result_in_smaller_graphs(prior, teacher, view):  # noqa: F811
+    """``guided_pass="micro-batch"`` runs the guided forward + backward once per micro-batch (the CPU default): the
+    same objective (each micro-batch has its own L_bn) as one pass over the pool, so the same images."""
+    config = dict(bn=0.5, cls=10.0, steps=4, cutmix_every=0)
+    a = (torch.tensor([0, 1, 2, 0]), torch.tensor([31, 32, 33, 34]))
+    b = (torch.tensor([1, 1, 2]), torch.tensor([41, 42, 43]))
+    calls = []
+    handle = prior.unet.register_forward_hook(lambda module, args, out: calls.append(len(args[0])))
+    try:
+        results = {}
+        for guided_pass in ("pool", "micro-batch"):
+            pool = DiffusionPool(make_sampler(prior, teacher, view, guided_pass=guided_pass, **config),
+                                 torch.Generator().manual_seed(0))
+            pool.admit(*a)
+            pool.tick()
+            pool.admit(*b)
+            calls.clear()
+            pool.tick()  # both micro-batches in flight, both guided
+            # guided forward(s), then the one batched ε̂ recompute over all 7 samples (CFG doubles each)
+            assert calls == ([14, 14] if guided_pass == "pool" else [8, 6, 14]), guided_pass
+            finished = []
+            while pool.in_flight:
+                finished += pool.tick()
+            results[guided_pass] = [done.images for done in finished]
+    finally:
+        handle.remove()
+    for pooled, per_batch in zip(*results.values()):
+        torch.testing.assert_close(per_batch, pooled, atol=1e-5, rtol=0)
+
+
+def test_auto_guided_pass_is_one_pool_pass_on_cuda_and_per_micro_batch_elsewhere():
+    from engine.config import RunConfig
+    from engine.world import guidance_config
+
+    assert guidance_config(RunConfig(), "cpu").guided_pass == "micro-batch"
+    assert guidance_config(RunConfig(), "cuda").guided_pass == "pool"
+    assert guidance_config(RunConfig(guided_pass="pool"), "cpu").guided_pass == "pool"
