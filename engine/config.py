@@ -28,8 +28,10 @@ MAX_IMAGES = 10_000_000
 # digits must equal the dataclass defaults (today's default run). fashion: teacher on half A of Fashion-MNIST's
 # train set, prior on half B (engine/datasets.py fashion_halves), weights in models/weights/*-fashion.
 WORLDS: dict[str, dict[str, str]] = {
-    "digits": {"teacher": "default", "prior": "default", "dataset": "mnist", "student": "convnet2-w16"},
-    "fashion": {"teacher": "fashion", "prior": "fashion", "dataset": "fashion-mnist", "student": "convnet2-w16"},
+    "digits": {"teacher": "default", "prior": "default", "dataset": "mnist", "student": "convnet2-w16",
+               "real_split": "train"},
+    "fashion": {"teacher": "fashion", "prior": "fashion", "dataset": "fashion-mnist", "student": "convnet2-w16",
+                "real_split": "half-a"},  # real-data KD draws from the teacher's half, never the prior's
 }
 World = Literal["digits", "fashion"]
 
@@ -58,6 +60,8 @@ class RunConfig:
     prior: str = opt("default", "diffusers folder or hub id of the prior ('default' or 'digits', 'fashion' = the "
                      "committed DDPMs)")
     dataset: str = opt("mnist", "the teacher's task; its real test split is used only to evaluate the student")
+    real_split: str = opt("train", "split of --dataset that --method real-kd draws its real images from (the "
+                          "teacher's training data: half-a in the fashion world)")
     data_root: str = opt("", "root folder of locally downloaded datasets (CIFAR, Tiny-ImageNet, DomainNet)")
     class_map: str = opt("", "JSON list/dict teacher class -> prior class id (DiT priors)")
     prompt_template: str = opt("a photo of a {}", "per-class prompt for text priors")

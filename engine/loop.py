@@ -35,7 +35,7 @@ from accelerate import Accelerator
 
 from augment.student_augment import student_augment
 from engine.config import RunConfig
-from engine.datasets import as_tensors, load_dataset
+from engine.datasets import as_tensors
 from engine.errors import RunDiverged, UserError
 from engine.evaluate import accuracy
 from engine.outputs import RunOutputs, max_over_processes
@@ -388,8 +388,8 @@ def undo_where(bad: torch.Tensor, before: dict, after: dict) -> None:
 
 
 def fill_with_real_data(cfg: RunConfig, world: World, buffer: ReplayBuffer, device) -> None:
-    """real-kd: ``--images`` real training images (a seeded subset) with the teacher's logits."""
-    train_set, _ = load_dataset(cfg.dataset, "train", root=cfg.data_root or None)
+    """real-kd: ``--images`` real training images (a seeded subset of ``--real-split``) with the teacher's logits."""
+    train_set = world.real_train
     pick = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(cfg.seed))[: cfg.images]
     if hasattr(train_set, "images"):
         images, labels = train_set.images[pick].float() / 255, train_set.labels[pick]

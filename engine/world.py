@@ -34,6 +34,12 @@ class World:
     view: TeacherView
     generator: GuidedSampler | DeepInversionGenerator | None  # None for real-data KD
     prior: object | None = None
+    real_train: torch.utils.data.Dataset | None = None  # real-data KD's images (--real-split), loaded up front
+
+
+def real_train_set(cfg: RunConfig) -> torch.utils.data.Dataset:
+    """The real images ``--method real-kd`` distils on: ``--real-split`` of ``--dataset`` (the teacher's data)."""
+    return load_dataset(cfg.dataset, cfg.real_split, root=cfg.data_root or None)[0]
 
 
 def guidance_config(cfg: RunConfig, device: torch.device | str = "cpu") -> GuidanceConfig:
@@ -223,5 +229,6 @@ def build_world(cfg: RunConfig, device: torch.device) -> World:
             log.warning("the prior is unconditional: --guidance-scale %g has no effect", cfg.guidance_scale)
     elif cfg.method == "deepinv":
         generator = DeepInversionGenerator(teacher.model, view, info.num_classes, deepinversion_config(cfg))
+    real_train = real_train_set(cfg) if cfg.method == "real-kd" else None  # a bad --real-split fails before writes
     speed_up(cfg, device, prior, teacher.model, student)
-    return World(teacher, student, info, test_set, view, generator, prior)
+    return World(teacher, student, info, test_set, view, generator, prior, real_train)

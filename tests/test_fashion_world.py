@@ -101,6 +101,17 @@ def test_fashion_preset_resolves_teacher_prior_dataset_student():
     assert set(WORLDS["fashion"]) == set(WORLDS["digits"])  # every world sets the same fields
 
 
+def test_real_data_kd_in_the_fashion_world_draws_from_the_teachers_half(monkeypatch):
+    """The real-data upper bound is KD on the teacher's own data (half A), never on the prior's half B."""
+    import engine.world
+
+    drawn = []
+    monkeypatch.setattr(engine.world, "load_dataset", lambda name, split, root=None: (drawn.append((name, split)), 0))
+    for world in ("fashion", "digits"):
+        engine.world.real_train_set(parse_config(["--world", world, "--method", "real-kd"]).resolved())
+    assert drawn == [("fashion-mnist", "half-a"), ("mnist", "train")]
+
+
 def test_explicit_flags_override_the_preset_wherever_they_stand():
     cfg = parse_config(["--student", "convnet-w8", "--world", "fashion", "--dataset", "mnist"])
     assert (cfg.student, cfg.dataset, cfg.teacher, cfg.prior) == ("convnet-w8", "mnist", "fashion", "fashion")
