@@ -1,6 +1,6 @@
 """``python -m benchmarks.bn_batch_scaling``: does the per-sample latent step of L_bn depend on the batch size?
 
-The guided step is ``z_i ← z_i − η·B·∂L_inv/∂z_i`` (engine/sampler.py). For a per-sample term (a batch mean of
+The guided step is ``z_i ← z_i − η·B·∂L_inv/∂z_i`` (engine/synthesis/guided.py). For a per-sample term (a batch mean of
 ℓ_i) that is ``η·∂ℓ_i/∂z_i`` whatever B is. L_bn is a batch statistic: ``μ_B = (1/B)·Σ_i f(x_i)``, so
 ``∂L_bn/∂z_i`` is O(1/B) and ``B·∂L_bn/∂z_i`` is O(1): with the B factor each sample's pull toward the running
 statistics is batch-size invariant, and without it (the weight α "unscaled") it would shrink as 1/B.

@@ -84,7 +84,7 @@ def start_interval(cfg: RunConfig, steps_per_batch: int) -> int:
 def kd_rate(cfg: RunConfig, steps_per_batch: int, batches_left: int, steps_left: int, buffered: int = 0) -> float:
     """Student steps per tick so that the ``steps_left`` steps span the ticks that generate the ``batches_left``
     remaining micro-batches, from the first tick the buffer (now ``buffered`` images) holds ``min_buffer``. Counted
-    from the current state, so a resumed run, whose in-flight micro-batches restart, still makes every image. Images
+    from the current state (a resumed run continues its in-flight micro-batches from the checkpoint). Images
     reach the buffer the tick after they finish (4a below): that shifts the training window by one tick, not its
     length."""
     if cfg.kd_steps_per_tick:
