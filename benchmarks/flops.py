@@ -5,9 +5,9 @@
 Counted, not timed: ``torch.utils.flop_counter.FlopCounterMode`` (matmuls, convolutions, attention forward and
 backward; elementwise ops, norms and the optimizer count 0) on **meta tensors**, so no weights are loaded and the
 SD-1.5 UNet costs nothing to build. The networks are diffusers/zoo models built from their published configs
-(below); the prior adapters of models/priors/ and ``GuidedSampler.step`` of engine/synthesis/guided.py run unchanged. Two
-things do not pass through meta tensors and are worked around, not re-implemented: ``prior.condition`` validates the
-class ids on the host, so the benchmark builds the same ``Cond`` from the adapter's tables; the sampler reads the
+(below); the prior adapters of models/priors/ and ``GuidedSampler.step`` of engine/synthesis/guided.py run unchanged.
+Two things do not pass through meta tensors and are worked around, not re-implemented: ``prior.condition`` validates
+the class ids on the host, so the benchmark builds the same ``Cond`` from the adapter's tables; the sampler reads the
 timestep on the host (``int(t)``), so the micro-batch's scheduler keeps its timesteps on the CPU. The student KD step
 (``engine.loop.student_step``, sync-free since issue 14) runs on real CPU tensors at batch 2.
 

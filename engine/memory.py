@@ -3,7 +3,8 @@
 The guided step holds the graph of one micro-batch (prior on 2B inputs for classifier-free guidance, decoder,
 teacher, student) until its backward pass; two settings of the sampler trade time for that memory without changing
 the per-sample update (engine/synthesis/guided.py, ``GuidedSampler.latent_gradient``): ``grad_chunk`` (forward +
-backward on c samples at a time) and ``grad_checkpointing`` (the prior recomputes its activations during the backward pass).
+backward on c samples at a time) and ``grad_checkpointing`` (the prior recomputes its activations during the backward
+pass).
 Measured, not modelled: activation sizes depend on the prior, the attention kernels and the autocast dtype.
 """
 
