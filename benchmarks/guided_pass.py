@@ -28,21 +28,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    from engine.classifiers import DEFAULT_PRIOR, resolve_classifier
+    from benchmarks.step_costs import default_world
     from engine.config import RunConfig
-    from engine.datasets import dataset_info
-    from engine.synthesis.guided import GuidedSampler, TeacherView
+    from engine.synthesis.guided import GuidedSampler
     from engine.synthesis.pool import DiffusionPool
     from engine.world import guidance_config
-    from models.priors import load_prior
-    from models.registry import build_classifier
 
-    info = dataset_info("mnist")
-    teacher = resolve_classifier("default", info)
-    teacher.model.eval().requires_grad_(False)
-    prior = load_prior(str(DEFAULT_PRIOR), info.class_names)
-    view = TeacherView(28, 1, teacher.mean, teacher.std)
-    student = build_classifier(RunConfig().student, 10, 1).eval()
+    info, teacher, prior, view, student = default_world()
     seconds: dict[str, list[float]] = {"pool": [], "micro-batch": []}
     for _ in range(args.rounds):
         for guided_pass, times in seconds.items():

@@ -24,6 +24,23 @@ def per_call_ms(fn, repeats: int) -> float:
     return (time.perf_counter() - start) / repeats * 1000
 
 
+def default_world():
+    """The default world's pieces a tick uses: (dataset info, teacher spec, prior, teacher view, fresh student)."""
+    from engine.classifiers import DEFAULT_PRIOR, resolve_classifier
+    from engine.config import RunConfig
+    from engine.datasets import dataset_info
+    from engine.synthesis.guided import TeacherView
+    from models.priors import load_prior
+    from models.registry import build_classifier
+
+    info = dataset_info("mnist")
+    teacher = resolve_classifier("default", info)
+    teacher.model.eval().requires_grad_(False)
+    prior = load_prior(str(DEFAULT_PRIOR), info.class_names)
+    view = TeacherView(28, 1, teacher.mean, teacher.std)
+    return info, teacher, prior, view, build_classifier(RunConfig().student, 10, 1).eval()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
@@ -36,23 +53,15 @@ def main(argv: list[str] | None = None) -> int:
 
     from accelerate import Accelerator
 
-    from engine.classifiers import DEFAULT_PRIOR, resolve_classifier
     from engine.config import RunConfig
-    from engine.datasets import dataset_info
     from engine.loop import student_step
     from engine.replay_buffer import ReplayBuffer
-    from engine.synthesis.guided import GuidanceConfig, GuidedSampler, TeacherView
+    from engine.synthesis.guided import GuidanceConfig, GuidedSampler
     from engine.synthesis.pool import DiffusionPool
     from losses import WeightedSum
-    from models.priors import load_prior
     from models.registry import build_classifier
 
-    info = dataset_info("mnist")
-    teacher = resolve_classifier("default", info)
-    teacher.model.eval().requires_grad_(False)
-    prior = load_prior(str(DEFAULT_PRIOR), info.class_names)
-    view = TeacherView(28, 1, teacher.mean, teacher.std)
-    student = build_classifier(RunConfig().student, 10, 1).eval()
+    info, teacher, prior, view, student = default_world()
     results: dict = {"threads": args.threads, "gen_batch": args.gen_batch, "in_flight": args.in_flight,
                      "guided_step_ms_per_image": {}, "kd_step_ms": {}}
     modes = {"unguided (CFG 2)": dict(bn=0, cls=0), "full": {}, "full + adv": dict(adv=1.0),

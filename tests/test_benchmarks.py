@@ -5,7 +5,7 @@ import importlib
 import pytest
 
 NAMES = ["accuracy", "ablations", "frontier", "fidelity", "teacher_strength", "guidance", "throughput", "step_costs",
-         "memory", "students", "flops"]
+         "memory", "students", "flops", "host_syncs", "compute", "bn_batch_scaling", "prior_fidelity", "guided_pass"]
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -46,3 +46,15 @@ def test_reused_runs_carry_the_commit_that_ran_them_and_rows_list_every_commit(t
     runs = [run_engine("m", [], old, reuse=True), run_engine("m", [], new, reuse=True)]
     assert runs[1]["record"]["commit"] == "abc123" and runs[1]["student_acc"] == 0.7
     assert seed_rows(runs, [0, 1])["commits"] == ["abc123", "unknown (run before record.json)"]
+
+
+def test_guided_pass_benchmark_times_both_passes_through_the_pool(tmp_path):
+    import json
+
+    from benchmarks.guided_pass import main
+
+    out = tmp_path / "guided_pass.json"
+    assert main(["--threads", "1", "--gen-batch", "2", "--in-flight", "2", "--rounds", "1", "--ticks", "1",
+                 "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert set(result["seconds_per_tick"]) == {"pool", "micro-batch"} and result["pool_over_micro_batch"] > 0
