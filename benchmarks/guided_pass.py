@@ -1,5 +1,5 @@
-"""Time per generation tick of the co-training pool (engine/synthesis/pool.py) on the default world, with the guided
-forward + backward run as one pass over every sample in flight (``--guided-pass pool``) or one pass per micro-batch
+"""Time per generation tick of the co-training pool (engine/synthesis/pool.py) on the default world, with its prior
+calls (guided forward + backward, ε̂ recompute) over every sample in flight (``--guided-pass pool``) or per micro-batch
 (``--guided-pass micro-batch``, what ``auto`` picks off CUDA). Same objective, same samples; the passes alternate
 within one process, so the ratio is measured under the same load.
 

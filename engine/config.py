@@ -98,9 +98,10 @@ class RunConfig:
                           "(less peak memory; 0 = whole micro-batch); the BN-statistics term then sees each chunk's "
                           "statistics, the other terms are unchanged")
     guided_pass: Literal["auto", "pool", "micro-batch"] = opt(
-        "auto", "the co-training pool's guided forward + backward: one pass over every sample in flight (pool) or one "
-        "per micro-batch (micro-batch: 1.4-1.6x less time per tick on CPU, python -m benchmarks.guided_pass); auto = "
-        "pool on CUDA, micro-batch elsewhere; the same objective either way (each micro-batch keeps its own L_bn)")
+        "auto", "the co-training pool's prior calls (guided forward + backward, and the eps recompute): one "
+        "over every sample in flight (pool) or one per micro-batch (micro-batch: faster on CPU, python -m "
+        "benchmarks.guided_pass); auto = pool on CUDA, micro-batch elsewhere; the same objective either way "
+        "(each micro-batch keeps its own L_bn)")
     grad_checkpointing: bool = opt(False, "activation checkpointing in the prior's UNet/DiT and VAE decoder (less "
                                    "memory, about one more forward per guided step)", flag="--grad-checkpointing")
     memory_target_gb: float = opt(0.0, "CUDA: pick the largest --grad-chunk (gen-batch, then halved; checkpointing "

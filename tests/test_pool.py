@@ -164,8 +164,9 @@ def test_a_run_with_a_scheduler_the_pool_does_not_step_fails_in_one_line(world, 
 
 
 def test_micro_batch_guided_passes_give_the_pool_pass_result_in_smaller_graphs(prior, teacher, view):  # noqa: F811
-    """``guided_pass="micro-batch"`` runs the guided forward + backward once per micro-batch (the CPU default): the
-    same objective (each micro-batch has its own L_bn) as one pass over the pool, so the same images."""
+    """``guided_pass="micro-batch"`` runs the guided forward + backward and the ε̂ recompute once per micro-batch
+    (the CPU default): the same objective (each micro-batch has its own L_bn) as one pass over the pool, so the
+    same images."""
     config = dict(bn=0.5, cls=10.0, steps=4, cutmix_every=0)
     a = (torch.tensor([0, 1, 2, 0]), torch.tensor([31, 32, 33, 34]))
     b = (torch.tensor([1, 1, 2]), torch.tensor([41, 42, 43]))
@@ -181,8 +182,8 @@ def test_micro_batch_guided_passes_give_the_pool_pass_result_in_smaller_graphs(p
             pool.admit(*b)
             calls.clear()
             pool.tick()  # both micro-batches in flight, both guided
-            # guided forward(s), then the one batched ε̂ recompute over all 7 samples (CFG doubles each)
-            assert calls == ([14, 14] if guided_pass == "pool" else [8, 6, 14]), guided_pass
+            # guided forward(s), then the ε̂ recompute, over all 7 samples or per micro-batch (CFG doubles each)
+            assert calls == ([14, 14] if guided_pass == "pool" else [8, 6, 8, 6]), guided_pass
             finished = []
             while pool.in_flight:
                 finished += pool.tick()

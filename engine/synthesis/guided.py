@@ -59,7 +59,7 @@ class GuidanceConfig:
     repair_steps: int = 0  # r: steps of seam repair after each CutMix (0 = no inpainting)
     repair_band: int = 1  # w: band width around the box edge, in latent pixels
     grad_chunk: int = 0  # latent gradient over chunks of this many samples (0 = the whole micro-batch)
-    guided_pass: str = "pool"  # the pool's guided pass: over every sample in flight (pool) or per micro-batch
+    guided_pass: str = "pool"  # the pool's prior calls: over every sample in flight (pool) or per micro-batch
     grad_checkpointing: bool = False  # activation checkpointing in the prior's UNet/DiT and VAE decoder
 
     def weights(self) -> dict[str, float]:
