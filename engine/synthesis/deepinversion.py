@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from engine.synthesis.protocol import Finished
+from engine.synthesis.protocol import Finished, PoolCounters
 from losses import BNStatHooks, WeightedSum, adversarial_loss, class_prior_loss
 
 
@@ -168,7 +168,7 @@ class DeepInversionGenerator:
         return batch
 
 
-class DeepInversionPool:
+class DeepInversionPool(PoolCounters):
     """The micro-batches in flight of a :class:`DeepInversionGenerator`, each with its own Adam state and cosine
     schedule (so they stay separate batches: one Adam step each per tick)."""
 
@@ -204,13 +204,6 @@ class DeepInversionPool:
             images, logits = self.generator.finish(batch)
             finished.append(Finished(images, logits, batch.label_weights, batch.seeds))
         return finished
-
-    def take_skipped(self) -> torch.Tensor:
-        out, self.skipped = self.skipped, torch.zeros_like(self.skipped)
-        return out
-
-    def last_terms(self) -> dict[str, torch.Tensor]:
-        return self._last_terms
 
     def state_dict(self) -> dict:
         return {"batches": [self.generator.batch_state(b) for b in self.batches], "skipped": self.skipped.clone()}

@@ -32,7 +32,7 @@ from torch import nn
 
 from augment.latent_cutmix import apply_cutmix, latent_cutmix, mix_labels, seam_band
 from engine.synthesis.guided import GuidedSampler, SeamRepair
-from engine.synthesis.protocol import Finished
+from engine.synthesis.protocol import Finished, PoolCounters
 from models.priors import Cond
 
 INLINE_SCHEDULERS = ("DDIMScheduler", "DDPMScheduler")
@@ -90,7 +90,7 @@ def _rows(x, slices: list[slice]):
     return torch.cat([x[s] for s in slices])
 
 
-class DiffusionPool:
+class DiffusionPool(PoolCounters):
     """All in-flight samples of a :class:`GuidedSampler` in one latent tensor (see the module docstring)."""
 
     def __init__(self, sampler: GuidedSampler, rng: torch.Generator):
@@ -306,14 +306,7 @@ class DiffusionPool:
         self.cond = self.cond.select_rows(slice(n, None)) if self.blocks else None
         return finished
 
-    # Metrics and checkpoints ------------------------------------------------------------------------------------
-    def take_skipped(self) -> torch.Tensor:
-        out, self.skipped = self.skipped, torch.zeros_like(self.skipped)
-        return out
-
-    def last_terms(self) -> dict[str, torch.Tensor]:
-        return self._last_terms
-
+    # Checkpoints (the log-time counters come from PoolCounters) ---------------------------------------------------
     def state_dict(self) -> dict:
         """A copy of everything in flight (the conditioning is recomputed from the labels)."""
         return copy.deepcopy({

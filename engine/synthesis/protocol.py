@@ -58,3 +58,18 @@ class GenerationPool(Protocol):
 
     def load_state_dict(self, state: dict) -> None:
         ...
+
+
+class PoolCounters:
+    """What both pools report at log time: the skipped-latent-step count (device tensor, reset on read) and the
+    last guidance terms. Subclasses set ``self.skipped`` and ``self._last_terms``."""
+
+    skipped: torch.Tensor
+    _last_terms: dict
+
+    def take_skipped(self) -> torch.Tensor:
+        out, self.skipped = self.skipped, torch.zeros_like(self.skipped)
+        return out
+
+    def last_terms(self) -> dict[str, torch.Tensor]:
+        return self._last_terms
