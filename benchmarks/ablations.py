@@ -6,7 +6,7 @@
 from __future__ import annotations
 
 from benchmarks.common import RESULTS_DIR, run_metadata, write_results
-from benchmarks.engine_runs import budget_flags, budget_parser, budget_record, run_engines, seed_rows
+from benchmarks.engine_runs import budget_parser, budget_record, run_variants
 
 VARIANTS = {
     "full": [],
@@ -25,16 +25,7 @@ def main(argv: list[str] | None = None) -> int:
                            out=RESULTS_DIR / "ablations.json")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     args = parser.parse_args(argv)
-    budget = budget_flags(args)
-    results = {"variants": {}, "budget": budget_record(args)}
-    jobs = [(name, [*VARIANTS[name], "--seed", str(s), *budget], args.runs / f"{name}-s{s}")
-            for name in args.variants for s in args.seeds]
-    summaries = iter(run_engines(jobs, args.reuse, args.jobs))
-    for name in args.variants:
-        runs = [next(summaries) for _ in args.seeds]
-        results["variants"][name] = seed_rows(runs, args.seeds) | {"flags": VARIANTS[name]}
-        m = results["variants"][name]["last_mean_std"]
-        print(f"{name:12s} {100 * m['mean']:6.2f} ± {100 * m['std']:.2f}", flush=True)
+    results = {"variants": run_variants(args, VARIANTS, args.variants), "budget": budget_record(args)}
     write_results(results | run_metadata("benchmarks.ablations", argv), args.out)
     return 0
 

@@ -110,3 +110,24 @@ def seed_rows(runs: list[dict], seeds: list[int]) -> dict:
     if commits:  # more than one: the row was assembled over several sittings (see the module docstring)
         row["commits"] = commits
     return row
+
+
+def run_variants(args, variants: dict[str, list[str]], names: list[str]) -> dict:
+    """Each named variant (engine flags) over ``args.seeds`` at the shared budget, ``args.jobs`` runs at a time;
+    per variant its seed rows, flags and, where the runs report it, the replay exposure (mean draws of the oldest
+    and newest tenth of the images, averaged over seeds). Prints one line per variant."""
+    budget = budget_flags(args)
+    jobs = [(name, [*variants[name], "--seed", str(s), *budget], args.runs / f"{name}-s{s}")
+            for name in names for s in args.seeds]
+    summaries = iter(run_engines(jobs, args.reuse, args.jobs))
+    rows = {}
+    for name in names:
+        runs = [next(summaries) for _ in args.seeds]
+        rows[name] = seed_rows(runs, args.seeds) | {"flags": variants[name]}
+        exposures = [r["replay_exposure"]["mean_draws_by_arrival"] for r in runs if r.get("replay_exposure")]
+        if exposures:
+            rows[name]["draws_oldest_tenth"] = statistics.fmean(e[0] for e in exposures)
+            rows[name]["draws_newest_tenth"] = statistics.fmean(e[-1] for e in exposures)
+        m = rows[name]["last_mean_std"]
+        print(f"{name:22s} {100 * m['mean']:6.2f} ± {100 * m['std']:.2f}", flush=True)
+    return rows

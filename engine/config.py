@@ -125,6 +125,10 @@ class RunConfig:
     msarc: float = opt(1.0, "μ: weight of the mSARC attention/CAM consistency term")
     kd_steps_per_tick: int = opt(0, "student updates per loop tick (0 = spread student steps over generation)")
     min_buffer: int = opt(200, "images in the replay buffer before student training starts")
+    replay_balance: float = opt(0.0, "replay-buffer draws with probability ∝ (1 + times drawn)^-P, evening out "
+                                "exposure (0 = uniform)")
+    kd_tail: float = opt(0.0, "online: fraction of the student steps kept for after the last image is made "
+                         "(0 = spread them all over generation)")
     buffer_capacity: int = opt(0, "replay buffer size in images (0 = the image budget)")
     adv_warmup_images: int = opt(300, "images made before the adversarial term turns on (either schedule; "
                                  "offline it then targets the untrained student, as synthesis runs first)")
@@ -178,8 +182,8 @@ class RunConfig:
             if getattr(cfg, name) <= 0:
                 raise UserError(f"--{name.replace('_', '-')} must be positive (got {getattr(cfg, name)})")
         for name in ["bn", "cls", "adv", "step_size", "msarc", "cutmix_every", "repair_steps", "repair_band",
-                     "kd_steps_per_tick", "min_buffer", "max_step_rms", "buffer_capacity", "adv_warmup_images",
-                     "aug_pad",
+                     "kd_steps_per_tick", "min_buffer", "replay_balance", "max_step_rms", "buffer_capacity",
+                     "adv_warmup_images", "aug_pad",
                      "lr", "weight_decay", "first_bn_multiplier", "grad_chunk", "memory_target_gb", "deepinv_lr",
                      "deepinv_bn", "deepinv_cls", "deepinv_first_bn_multiplier", "deepinv_tv_l1", "deepinv_tv_l2",
                      "deepinv_l2", "deepinv_jitter",
@@ -188,6 +192,8 @@ class RunConfig:
                 raise UserError(f"--{name.replace('_', '-')} must be >= 0 (got {getattr(cfg, name)})")
         if cfg.tau <= 0 or cfg.guidance_scale <= 0 or cfg.cutmix_beta <= 0:
             raise UserError("--tau, --guidance-scale and --cutmix-beta must be positive")
+        if not 0 <= cfg.kd_tail < 1:
+            raise UserError(f"--kd-tail must lie in [0, 1) (got {cfg.kd_tail}): a fraction of the student steps")
         if not 0 <= cfg.cutmix_prob <= 1:
             raise UserError(f"--cutmix-prob must lie in [0, 1] (got {cfg.cutmix_prob})")
         if cfg.prior_resolution < 0:

@@ -199,7 +199,9 @@ def co_train(cfg: RunConfig, world: World, accelerator: Accelerator, outputs: Ru
     stagger = start_interval(cfg, steps_per_batch)
     rate = 1.0  # offline: one student step per tick once every image exists
     if cfg.schedule == "online":  # from the run's start, so a resumed run keeps the same rate
-        rate = kd_rate(cfg, steps_per_batch, batches_left=n_batches, steps_left=cfg.student_steps)
+        # --kd-tail keeps that share of the steps for after synthesis (4c trains on at max(rate, 1) per tick).
+        during_generation = cfg.student_steps - round(cfg.kd_tail * cfg.student_steps)
+        rate = kd_rate(cfg, steps_per_batch, batches_left=n_batches, steps_left=during_generation)
     # Device-side running values, read on the host at log time only: the last finite KD terms, the skipped counts.
     window = {"images": 0, "start": time.time(), "kd": {}, "inv": {},
               "skipped": torch.zeros((), dtype=torch.long, device=device),
@@ -302,7 +304,8 @@ def co_train(cfg: RunConfig, world: World, accelerator: Accelerator, outputs: Ru
     summary = {"student_acc": final_acc, "best_student_acc": state.best_acc, "student_steps": state.student_step,
                "images": images_made, "ticks": state.tick, "wall_seconds": round(state.elapsed_seconds, 1),
                "skipped_latent_steps": state.skipped_latent_steps,
-               "skipped_student_steps": state.skipped_student_steps, "processes": ranks}
+               "skipped_student_steps": state.skipped_student_steps, "processes": ranks,
+               "replay_exposure": buffer.exposure()}  # this process's buffer: draws per image, by arrival
     # Diverged: most steps were skipped as non-finite (e.g. --lr 1e30, --step-size 1e30). The outputs are written
     # for inspection, but the run exits 3 instead of passing off a meaningless student (the counts are in summary).
     guided_per_image = steps_per_batch if cfg.method == "deepinv" else math.ceil(steps_per_batch / cfg.guide_every)
@@ -331,7 +334,7 @@ def student_step(cfg, student, plain_student, teacher, view, buffer, optimizer, 
     across processes and the flag is reduced too, so every process masks the same steps. With fp16 the GradScaler
     also skips overflowing steps itself (it reads its found-inf flag on the host: fp16 is the one mode that syncs).
     """
-    images, cached_logits, _ = buffer.sample(cfg.batch_size, generator)
+    images, cached_logits, _ = buffer.sample(cfg.batch_size, generator, balance=cfg.replay_balance)
     x = view.normalize(student_augment(images, cfg.aug_pad, cfg.aug_flip, generator))
     use_msarc = cfg.msarc > 0
     before = step_state(plain_student, optimizer)

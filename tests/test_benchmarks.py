@@ -5,7 +5,8 @@ import importlib
 import pytest
 
 NAMES = ["accuracy", "ablations", "frontier", "fidelity", "teacher_strength", "guidance", "throughput", "step_costs",
-         "memory", "students", "flops", "host_syncs", "compute", "bn_batch_scaling", "prior_fidelity", "guided_pass"]
+         "memory", "students", "flops", "host_syncs", "compute", "bn_batch_scaling", "prior_fidelity", "guided_pass",
+         "levers"]
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -46,6 +47,27 @@ def test_reused_runs_carry_the_commit_that_ran_them_and_rows_list_every_commit(t
     runs = [run_engine("m", [], old, reuse=True), run_engine("m", [], new, reuse=True)]
     assert runs[1]["record"]["commit"] == "abc123" and runs[1]["student_acc"] == 0.7
     assert seed_rows(runs, [0, 1])["commits"] == ["abc123", "unknown (run before record.json)"]
+
+
+def test_lever_rows_carry_flags_accuracy_and_the_exposure_of_oldest_and_newest_images(tmp_path):
+    import json
+
+    from benchmarks.levers import main
+
+    for name, accs in (("baseline", (0.5, 0.7)), ("kd-tail-0.5", (0.8, 0.9))):
+        for seed, acc in zip((0, 1), accs):
+            run = tmp_path / "runs" / f"{name}-s{seed}"
+            run.mkdir(parents=True)
+            exposure = {"mean_draws_by_arrival": [300.0 + seed, 10.0 + seed]}
+            (run / "summary.json").write_text(json.dumps({"student_acc": acc, "best_student_acc": acc,
+                                                          "replay_exposure": exposure}))
+    out = tmp_path / "levers.json"
+    assert main(["--seeds", "0", "1", "--runs", str(tmp_path / "runs"), "--reuse", "--out", str(out),
+                 "--variants", "baseline", "kd-tail-0.5"]) == 0  # --reuse: no engine run starts
+    rows = json.loads(out.read_text())["variants"]
+    assert rows["kd-tail-0.5"]["flags"] == ["--kd-tail", "0.5"] and rows["kd-tail-0.5"]["last"] == [0.8, 0.9]
+    assert rows["baseline"]["last_mean_std"]["mean"] == pytest.approx(0.6)
+    assert rows["baseline"]["draws_oldest_tenth"] == 300.5 and rows["baseline"]["draws_newest_tenth"] == 10.5
 
 
 def test_guided_pass_benchmark_times_both_passes_through_the_pool(tmp_path):

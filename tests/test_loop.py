@@ -93,8 +93,8 @@ def record_run(world, tmp_path: Path, monkeypatch, *flags: str) -> tuple[Recordi
         rec.current["adds"].append(len(buffer))
         rec.order.append("hand-over")
 
-    def sample(buffer, batch_size, generator=None):
-        out = real_sample(buffer, batch_size, generator)
+    def sample(buffer, batch_size, generator=None, **kwargs):
+        out = real_sample(buffer, batch_size, generator, **kwargs)
         rec.current["kd_batches"].append(set(buffer.seeds[: len(buffer)].tolist()))  # what the draw could return
         return out
 
@@ -224,6 +224,24 @@ def test_offline_schedule_trains_only_after_every_image_exists(world, tmp_path, 
     generating = [tick for tick in rec.ticks if tick["steps"]]
     assert all(not tick["kd"] for tick in generating) and rec.ticks[len(generating)]["adds"] == [16]
     assert summary["student_steps"] == 8 and summary["ticks"] == 10 + 8  # then one student step per tick
+
+
+def test_kd_tail_keeps_a_share_of_the_steps_for_after_synthesis(world, tmp_path, monkeypatch):
+    """--kd-tail 0.5 of 14 steps: 7 spread over generation (one per tick, ticks 4..10 as above), then 7 more on the
+    finished buffer, one per tick (ticks 11..17), every one of them on all 16 images."""
+    rec, summary, _ = record_run(world, tmp_path, monkeypatch, "--student-steps", "14", "--kd-tail", "0.5")
+    assert [len(tick["kd"]) for tick in rec.ticks] == [0] * 4 + [1] * 14
+    assert [kd["images"] for kd in rec.kd_events()][-8:] == [16] * 8
+    assert summary["student_steps"] == 14 and summary["ticks"] == 18 and summary["images"] == 16
+
+
+def test_summary_reports_replay_exposure_by_arrival(world, tmp_path, monkeypatch):
+    """Uniform draws from a growing buffer: the first images are drawn more than the last (what --replay-draws
+    balanced evens out); the counts add up to every image drawn."""
+    _, summary, cfg = record_run(world, tmp_path, monkeypatch, "--student-steps", "14")
+    exposure = summary["replay_exposure"]
+    assert exposure["mean"] * 16 == pytest.approx(14 * cfg.batch_size)
+    assert exposure["mean_draws_by_arrival"][0] > exposure["mean_draws_by_arrival"][-1]
 
 
 def test_kd_rate():

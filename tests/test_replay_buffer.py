@@ -73,6 +73,7 @@ def test_state_dict_round_trip(added):
     buffer = ReplayBuffer(5, SHAPE, K)
     for first in range(0, added, 2):
         buffer.add(*batch(first, min(2, added - first)))
+    buffer.sample(7, torch.Generator().manual_seed(added))  # some draw counts to carry over
     state = buffer.state_dict()
     assert all(v.device.type == "cpu" for v in state.values() if isinstance(v, torch.Tensor))
     restored = ReplayBuffer(5, SHAPE, K)
@@ -80,6 +81,7 @@ def test_state_dict_round_trip(added):
     assert (len(restored), restored.cursor, restored.total_added) == (len(buffer), buffer.cursor, buffer.total_added)
     for mine, theirs in zip(buffer.contents(), restored.contents()):
         assert torch.equal(mine, theirs)
+    assert restored.exposure() == buffer.exposure() and buffer.exposure()["mean"] > 0
     buffer.add(*batch(100, 2))  # and both continue identically
     restored.add(*batch(100, 2))
     for mine, theirs in zip(buffer.contents(), restored.contents()):
@@ -96,3 +98,49 @@ def test_sample_is_uniform_over_every_stored_entry():
     assert torch.equal(logits[:, 0].long(), expected)
     counts = torch.bincount(logits[:, 0].long(), minlength=10)
     assert counts.min() > 300 and counts.max() < 500  # 400 each in expectation (binomial sd ≈ 19)
+
+
+def test_every_draw_is_counted_and_a_new_entry_starts_at_zero():
+    buffer = ReplayBuffer(4, SHAPE, K)
+    buffer.add(*batch(0, 4))
+    _, logits, _ = buffer.sample(50, torch.Generator().manual_seed(0))
+    assert torch.equal(buffer.draws, torch.bincount(logits[:, 0].long(), minlength=4))
+    before = buffer.draws.clone()
+    buffer.add(*batch(4, 1))  # overwrites slot 0 (the oldest entry)
+    assert buffer.draws[0] == 0 and torch.equal(buffer.draws[1:], before[1:])
+
+
+def test_balanced_draws_follow_one_plus_draws_to_the_minus_p():
+    """Slots drawn 0, 1 and 3 times so far, exponent 1: probabilities (1, 1/2, 1/4) / 1.75 = 4/7, 2/7, 1/7 within
+    one batch."""
+    buffer = ReplayBuffer(3, SHAPE, K)
+    buffer.add(*batch(0, 3))
+    buffer.draws.copy_(torch.tensor([0, 1, 3]))
+    _, logits, _ = buffer.sample(70_000, torch.Generator().manual_seed(1), balance=1.0)
+    share = torch.bincount(logits[:, 0].long(), minlength=3).double() / 70_000
+    assert torch.allclose(share, torch.tensor([4 / 7, 2 / 7, 1 / 7], dtype=torch.float64), atol=0.006)  # sd ≈ 0.002
+
+
+def test_balanced_draws_even_out_the_exposure_of_a_growing_buffer():
+    """Ten entries, then ten more: uniform draws leave the first ten with far more draws (30 vs 10 in expectation);
+    the larger the exponent, the more even."""
+    spread = {}
+    for balance in (0.0, 1.0, 8.0):
+        buffer, generator = ReplayBuffer(20, SHAPE, K), torch.Generator().manual_seed(2)
+        buffer.add(*batch(0, 10))
+        for _ in range(20):
+            buffer.sample(10, generator, balance=balance)
+        buffer.add(*batch(10, 10))
+        for _ in range(20):
+            buffer.sample(10, generator, balance=balance)
+        groups = buffer.exposure(parts=2)["mean_draws_by_arrival"]
+        spread[balance] = groups[0] - groups[1]
+    assert spread[0.0] > 15 and spread[0.0] > spread[1.0] + 5 > spread[8.0] + 5 and abs(spread[8.0]) < 3
+
+
+def test_exposure_is_reported_oldest_first():
+    buffer = ReplayBuffer(4, SHAPE, K)
+    buffer.add(*batch(0, 4))
+    buffer.draws.copy_(torch.tensor([1, 2, 3, 6]))
+    buffer.add(*batch(4, 2))  # slots 0, 1 now hold the newest entries, drawn 0 times
+    assert buffer.exposure(parts=2) == {"mean_draws_by_arrival": [4.5, 0.0], "min": 0, "mean": 2.25, "max": 6}

@@ -1,0 +1,48 @@
+"""Levers for ours (online DiffDFKD) against its own baseline, issue 16: each variant at the default budget over
+the same seeds, in either world. The baseline row is the default run; every other row changes one thing.
+
+    python -m benchmarks.levers --jobs 2 --variants baseline kd-tail-0.5 replay-balance-4
+    python -m benchmarks.levers --world fashion --jobs 2      # -> benchmarks/results/levers_fashion.json
+
+Replay exposure (lever 1): uniform draws from a growing buffer show the first images far more often than the
+last; ``--replay-balance P`` draws with probability ∝ (1 + times drawn)^-P, ``--kd-tail F`` keeps a share F of
+the student steps for after the last image, ``--min-buffer`` waits for a deeper buffer before training. Each row
+reports the mean draws of the oldest and the newest tenth of the images beside its accuracy.
+"""
+
+from __future__ import annotations
+
+from benchmarks.common import run_metadata, write_results
+from benchmarks.engine_runs import add_world_flag, budget_parser, budget_record, run_variants, world_paths
+
+VARIANTS = {
+    "baseline": [],
+    # 1. replay exposure
+    "kd-tail-0.25": ["--kd-tail", "0.25"],
+    "kd-tail-0.5": ["--kd-tail", "0.5"],
+    "replay-balance-4": ["--replay-balance", "4"],
+    "replay-balance-4-tail-0.25": ["--replay-balance", "4", "--kd-tail", "0.25"],
+    "min-buffer-600": ["--min-buffer", "600"],
+    # 2. the adversarial term
+    "no-adv": ["--no-adv"],
+    "offline": ["--schedule", "offline"],
+    "offline-no-adv": ["--schedule", "offline", "--no-adv"],
+    # 3. the sampler budget: 25 steps guided every 2nd, 64 UNet forward-equivalents per image against the default's
+    # 60 (15 guided steps x 4; BENCHMARKS.md, the sampler frontier)
+    "steps-25-every-2": ["--sampler-steps", "25", "--guide-every", "2"],
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = budget_parser(__doc__, images=2000, student_steps=2000, runs=None, out=None)
+    add_world_flag(parser)
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    args = parser.parse_args(argv)
+    world_paths(args, "levers")
+    results = {"variants": run_variants(args, VARIANTS, args.variants), "budget": budget_record(args)}
+    write_results(results | run_metadata("benchmarks.levers", argv), args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
