@@ -7,7 +7,9 @@ the same seeds, in either world. The baseline row is the default run; every othe
 Replay exposure (lever 1): uniform draws from a growing buffer show the first images far more often than the
 last; ``--replay-balance P`` draws with probability ∝ (1 + times drawn)^-P, ``--kd-tail F`` keeps a share F of
 the student steps for after the last image, ``--min-buffer`` waits for a deeper buffer before training. Each row
-reports the mean draws of the oldest and the newest tenth of the images beside its accuracy.
+reports the mean draws of the oldest and the newest tenth of the images beside its accuracy. The other levers:
+L_adv (off, offline with and without it, JS instead of KL), the sampler budget (25 steps guided every 2nd, a
+guidance ramp over the timesteps) and a grid around α, β, η.
 """
 
 from __future__ import annotations
@@ -30,6 +32,13 @@ VARIANTS = {
     # 3. the sampler budget: 25 steps guided every 2nd, 64 UNet forward-equivalents per image against the default's
     # 60 (15 guided steps x 4; BENCHMARKS.md, the sampler frontier)
     "steps-25-every-2": ["--sampler-steps", "25", "--guide-every", "2"],
+    "guidance-ramp-0.5": ["--guidance-ramp", "0.5"],  # η from 0.5η at the noisiest step to 1.5η at the last
+    # 2 (cont.): the divergence of L_adv
+    "adv-js": ["--divergence", "js"],
+    # 4. guidance strength per term (α = 0.1, β = 10, η = 0.1 by default)
+    "bn-0.05": ["--bn", "0.05"], "bn-0.2": ["--bn", "0.2"],
+    "cls-5": ["--cls", "5"], "cls-20": ["--cls", "20"],
+    "eta-0.05": ["--step-size", "0.05"], "eta-0.2": ["--step-size", "0.2"],
 }
 
 

@@ -78,6 +78,8 @@ class RunConfig:
     cls: float = opt(10.0, "β: weight of the class-prior cross-entropy")
     adv: float = opt(1.0, "γ: weight of the adversarial loss (after --adv-warmup-images images)")
     step_size: float = opt(0.1, "η: latent step per timestep (per sample: the gradient is scaled by the batch size)")
+    guidance_ramp: float = opt(0.0, "ρ in [0, 1]: η·(1-ρ) at the noisiest step rising linearly to η·(1+ρ) at the "
+                               "last (mean η; 0 = constant)")
     guidance_scale: float = opt(2.0, "classifier-free guidance scale of the prior")
     sampler_steps: int = opt(15, "sampler steps per image")
     scheduler: str = opt("ddim", f"diffusers scheduler: {', '.join(SCHEDULERS)} or a class name")
@@ -192,6 +194,8 @@ class RunConfig:
                 raise UserError(f"--{name.replace('_', '-')} must be >= 0 (got {getattr(cfg, name)})")
         if cfg.tau <= 0 or cfg.guidance_scale <= 0 or cfg.cutmix_beta <= 0:
             raise UserError("--tau, --guidance-scale and --cutmix-beta must be positive")
+        if not 0 <= cfg.guidance_ramp <= 1:
+            raise UserError(f"--guidance-ramp must lie in [0, 1] (got {cfg.guidance_ramp}): η·(1 ± ρ) stays >= 0")
         if not 0 <= cfg.kd_tail < 1:
             raise UserError(f"--kd-tail must lie in [0, 1) (got {cfg.kd_tail}): a fraction of the student steps")
         if not 0 <= cfg.cutmix_prob <= 1:

@@ -96,6 +96,9 @@ def test_unknown_or_ill_typed_flags_exit_2(argv, capsys):
     (["--grad-chunk", "-2"], "--grad-chunk must be >= 0"),
     (["--memory-target-gb", "-1"], "--memory-target-gb must be >= 0"),
     (["--tau", "0"], "--tau"),
+    (["--kd-tail", "1"], "--kd-tail must lie in"),
+    (["--guidance-ramp", "1.5"], "--guidance-ramp must lie in"),
+    (["--replay-balance", "-1"], "--replay-balance must be >= 0"),
     (["--resume", "--overwrite"], "contradict"),
 ])
 def test_bad_values_are_user_errors(argv, message, capsys):

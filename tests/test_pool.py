@@ -88,6 +88,22 @@ def test_each_guided_micro_batch_moves_as_the_sampler_moves_it_alone(prior, teac
         torch.testing.assert_close(done.images, alone, atol=1e-5, rtol=0)
 
 
+def test_the_guidance_ramp_acts_per_micro_batch_step_as_in_the_sampler(prior, teacher, view):  # noqa: F811
+    """Two micro-batches one step apart share each tick: each is guided with η at its own step index."""
+    if not isinstance(prior.scheduler, DDIMScheduler):
+        pytest.skip("deterministic sampler: DDPM's noise is drawn differently by the two")
+    config = dict(bn=0.5, cls=10.0, steps=4, cutmix_every=0, guidance_ramp=0.8)
+    a = (torch.tensor([0, 1, 2]), torch.tensor([51, 52, 53]))
+    b = (torch.tensor([2, 1]), torch.tensor([61, 62]))
+    pool = DiffusionPool(make_sampler(prior, teacher, view, **config), torch.Generator().manual_seed(0))
+    finished = run_pool(pool, {0: a, 1: b})
+    for done, (labels, seeds) in zip(finished, (a, b)):
+        alone, _, _ = make_sampler(prior, teacher, view, **config).sample(labels, seeds)
+        torch.testing.assert_close(done.images, alone, atol=1e-5, rtol=0)
+        flat, _, _ = make_sampler(prior, teacher, view, **(config | {"guidance_ramp": 0.0})).sample(labels, seeds)
+        assert (done.images - flat).abs().max() > 1e-3  # the ramp changed the images
+
+
 def test_one_micro_batch_with_cutmix_and_repair_matches_the_sampler(prior, teacher, view):  # noqa: F811
     """With the sampler's own generator the pool draws the same CutMix boxes; repair and soft labels follow."""
     if not isinstance(prior.scheduler, DDIMScheduler):

@@ -287,6 +287,26 @@ def test_non_finite_gradient_skips_only_that_sample(prior, teacher, view):
     assert torch.isfinite(images).all() and torch.isfinite(logits).all()
 
 
+def test_guidance_ramp_is_linear_with_mean_eta():
+    ramped = guidance(step_size=0.1, steps=5, guidance_ramp=0.5)
+    assert [round(ramped.step_size_at(i), 10) for i in range(5)] == [0.05, 0.075, 0.1, 0.125, 0.15]
+    assert [guidance(step_size=0.1, steps=5).step_size_at(i) for i in (0, 4)] == [0.1, 0.1]
+
+
+@pytest.mark.parametrize("step_index, factor", [(0, 0.2), (3, 1.8)])  # 4 steps, ρ = 0.8: η·(1 ∓ 0.8) at the ends
+def test_guidance_ramp_scales_the_latent_step_of_its_timestep(prior, teacher, view, step_index, factor):
+    labels, seeds = torch.tensor([0, 1, 2]), torch.tensor([1, 2, 3])
+    moves = []
+    for ramp in (0.0, 0.8):
+        sampler = make_sampler(prior, teacher, view, bn=0.1, guidance_ramp=ramp)
+        batch = sampler.start(labels, seeds)
+        batch.step_index = step_index
+        z_before = batch.z.clone()
+        sampler.guidance_step(batch, batch.scheduler.timesteps[step_index], None)
+        moves.append(batch.z - z_before)
+    torch.testing.assert_close(moves[1], factor * moves[0], atol=1e-6, rtol=1e-5)
+
+
 # --- memory control: chunked latent gradients, activation checkpointing ------------------------------------------
 def guided_update(sampler, labels, seeds, student=None):
     """A fresh batch after one guided step (z_t, last_terms, skipped), and the returned ε̂."""

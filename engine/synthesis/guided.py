@@ -45,6 +45,7 @@ class GuidanceConfig:
     cls: float = 10.0  # β, class-prior weight
     adv: float = 0.0  # γ, adversarial weight (the engine turns it on after its warm-up)
     step_size: float = 0.1  # η, per-sample latent step (the gradient is scaled by the batch size)
+    guidance_ramp: float = 0.0  # ρ: η·(1 − ρ) at the noisiest step rising linearly to η·(1 + ρ) at the last
     guidance_scale: float = 2.0  # classifier-free guidance scale s of the prior
     steps: int = 25  # sampler steps
     grad_mode: str = "full"  # full: ∇ through the UNet's ε̂ and the decoder; detached: ε̂ held constant
@@ -64,6 +65,14 @@ class GuidanceConfig:
 
     def weights(self) -> dict[str, float]:
         return {"bn": self.bn, "cls": self.cls, "adv": self.adv}
+
+    def step_size_at(self, step_index: int) -> float:
+        """η at sampler step i of S (0 = the noisiest): ``η·(1 + ρ·(2i/(S−1) − 1))``, a linear ramp whose mean over
+        the S steps is η, so ``guidance_ramp`` ρ > 0 moves the same total guidance toward the clean end, where the
+        decoded image is what the teacher will see (ρ = 0: η at every step). A host float: no device read."""
+        if not self.guidance_ramp or self.steps < 2:
+            return self.step_size
+        return self.step_size * (1 + self.guidance_ramp * (2 * step_index / (self.steps - 1) - 1))
 
 
 class TeacherView(nn.Module):
@@ -252,7 +261,7 @@ class GuidedSampler:
         steps, eps, sums = [], [], {}
         for start in range(0, n, size):
             part = slice(start, min(start + size, n))
-            step, part_eps, terms = self._chunk_step(batch, part, t, student)
+            step, part_eps, terms = self._chunk_step(batch, part, t, student, cfg.step_size_at(batch.step_index))
             steps.append(step)
             eps.append(part_eps)
             for name, value in terms.items():
@@ -267,10 +276,10 @@ class GuidedSampler:
         batch.last_terms = {name: value / n for name, value in sums.items()} if len(steps) > 1 else terms
         return torch.cat(eps) if len(eps) > 1 else eps[0]
 
-    def _chunk_step(self, batch: GenerationBatch, part: slice, t, student: nn.Module | None):
-        """η·c·∇_{z_t} L_inv on the c samples ``part`` of the batch (zero for a sample whose gradient is not
-        finite); returns (step, ε̂ detached, terms detached). The graph is freed before the next chunk starts."""
-        cfg = self.config
+    def _chunk_step(self, batch: GenerationBatch, part: slice, t, student: nn.Module | None, eta: float):
+        """η·c·∇_{z_t} L_inv (``eta``: η of this step) on the c samples ``part`` of the batch (zero for a sample
+        whose gradient is not finite); returns (step, ε̂ detached, terms detached). The graph is freed before the
+        next chunk starts."""
         n = part.stop - part.start
         cond = batch.cond if n == len(batch) else batch.cond.select(torch.arange(part.start, part.stop))
         model_input = batch.scheduler.scale_model_input(batch.z[part], t)
@@ -279,7 +288,7 @@ class GuidedSampler:
         # Guard: a sample whose gradient is not finite keeps its latent (counted, no host sync here).
         finite = torch.isfinite(grad).flatten(1).all(1)
         batch.skipped += (~finite).sum()
-        step = cfg.step_size * n * torch.where(finite[:, None, None, None], grad, torch.zeros_like(grad))
+        step = eta * n * torch.where(finite[:, None, None, None], grad, torch.zeros_like(grad))
         return step, eps, terms
 
     @torch.enable_grad()

@@ -252,7 +252,7 @@ class DiffusionPool(PoolCounters):
             grad = torch.where(finite[:, None, None, None], grad, torch.zeros_like(grad))
             for (s, block), part, group_terms in zip(rows, local, terms):
                 n = s.stop - s.start
-                step = cfg.step_size * n * grad[part]  # η·B: the per-sample step does not shrink with B
+                step = cfg.step_size_at(block.step_index) * n * grad[part]  # η·B: the step does not shrink with B
                 if block.repair is not None:  # a held region is overwritten after this step: do not move it
                     offset = s.start - starts[id(block)]
                     step = step * block.repair.free[offset:offset + n]
