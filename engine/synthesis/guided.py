@@ -261,7 +261,7 @@ class GuidedSampler:
         steps, eps, sums = [], [], {}
         for start in range(0, n, size):
             part = slice(start, min(start + size, n))
-            step, part_eps, terms = self._chunk_step(batch, part, t, student, cfg.step_size_at(batch.step_index))
+            step, part_eps, terms = self._chunk_step(batch, part, t, student)
             steps.append(step)
             eps.append(part_eps)
             for name, value in terms.items():
@@ -276,10 +276,10 @@ class GuidedSampler:
         batch.last_terms = {name: value / n for name, value in sums.items()} if len(steps) > 1 else terms
         return torch.cat(eps) if len(eps) > 1 else eps[0]
 
-    def _chunk_step(self, batch: GenerationBatch, part: slice, t, student: nn.Module | None, eta: float):
-        """η·c·∇_{z_t} L_inv (``eta``: η of this step) on the c samples ``part`` of the batch (zero for a sample
-        whose gradient is not finite); returns (step, ε̂ detached, terms detached). The graph is freed before the
-        next chunk starts."""
+    def _chunk_step(self, batch: GenerationBatch, part: slice, t, student: nn.Module | None):
+        """η·c·∇_{z_t} L_inv (η of the batch's step, ``GuidanceConfig.step_size_at``) on the c samples ``part`` of
+        the batch (zero for a sample whose gradient is not finite); returns (step, ε̂ detached, terms detached). The
+        graph is freed before the next chunk starts."""
         n = part.stop - part.start
         cond = batch.cond if n == len(batch) else batch.cond.select(torch.arange(part.start, part.stop))
         model_input = batch.scheduler.scale_model_input(batch.z[part], t)
@@ -288,7 +288,8 @@ class GuidedSampler:
         # Guard: a sample whose gradient is not finite keeps its latent (counted, no host sync here).
         finite = torch.isfinite(grad).flatten(1).all(1)
         batch.skipped += (~finite).sum()
-        step = eta * n * torch.where(finite[:, None, None, None], grad, torch.zeros_like(grad))
+        step = self.config.step_size_at(batch.step_index) * n * torch.where(finite[:, None, None, None], grad,
+                                                                           torch.zeros_like(grad))
         return step, eps, terms
 
     @torch.enable_grad()
