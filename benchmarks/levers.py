@@ -32,6 +32,7 @@ VARIANTS = {
     # 3. the sampler budget: 25 steps guided every 2nd, 64 UNet forward-equivalents per image against the default's
     # 60 (15 guided steps x 4; BENCHMARKS.md, the sampler frontier)
     "steps-25-every-2": ["--sampler-steps", "25", "--guide-every", "2"],
+    "steps-25-every-2-tail-0.5": ["--sampler-steps", "25", "--guide-every", "2", "--kd-tail", "0.5"],  # 1 + 3
     "guidance-ramp-0.5": ["--guidance-ramp", "0.5"],  # η from 0.5η at the noisiest step to 1.5η at the last
     # 2 (cont.): the divergence of L_adv
     "adv-js": ["--divergence", "js"],

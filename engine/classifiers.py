@@ -10,7 +10,6 @@ A spec is one of
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from torch import nn
 import models
 from engine.datasets import DatasetInfo
 from engine.errors import UserError
+from models.json_files import read_json_object
 from models.registry import build_classifier, load_weights
 
 WEIGHTS_DIR = Path(models.__file__).parent / "weights"
@@ -49,13 +49,7 @@ def _sidecar(path: Path) -> dict:
     meta = path.with_suffix(".json")
     if not meta.exists():
         return {}
-    try:
-        provenance = json.loads(meta.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise UserError(f"cannot read the sidecar {meta} ({type(err).__name__}); fix or delete it") from None
-    if not isinstance(provenance, dict):
-        raise UserError(f"the sidecar {meta} is not a JSON object; fix or delete it")
-    return provenance
+    return read_json_object(meta, UserError, what="the sidecar ")
 
 
 def resolve_classifier(spec: str, info: DatasetInfo, arch: str | None = None) -> ClassifierSpec:

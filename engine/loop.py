@@ -273,6 +273,8 @@ def co_train(cfg: RunConfig, world: World, accelerator: Accelerator, outputs: Ru
                     streams.wait("train", "generated")
                     copy_weights(snapshot, plain_student)
                     streams.record("snapshotted", "train")
+        elif pending:  # images made but no metrics line due (offline synthesis, a warming buffer): host counts only
+            outputs.synthesis_progress(min(state.batches_finished * cfg.gen_batch * ranks, cfg.images), cfg.images)
         state.tick += 1
 
         # 4d. Checkpoint (host sync point) every --checkpoint-every ticks and --checkpoint-minutes, and on SIGINT or

@@ -120,10 +120,11 @@ CHECKPOINT_KEYS = {"student", "optimizer", "schedule", "state", "ranks"}
 
 
 class RunOutputs:
-    def __init__(self, run_dir: str | os.PathLike, is_main: bool = True, live=None):
+    def __init__(self, run_dir: str | os.PathLike, is_main: bool = True, display=None):
         self.dir = Path(run_dir)
         self.is_main = is_main
-        self.live = live  # optional callback(line) for the terminal display
+        self.display = display  # the terminal's LiveDisplay (engine.tracking), or None: plain log lines
+        self.reported_tenths = 0  # synthesis_progress: tenths of the images already reported in plain lines
         self.accelerator = None  # set by start_tracking when --log-with names trackers
         self.buffer: ReplayBuffer | None = None  # the loop's replay buffer (watch): sample grids at every eval
         self.image_rate = ImageRate()
@@ -180,12 +181,25 @@ class RunOutputs:
                 images, targets = newest_images(self.buffer, 40 * num_classes)  # ~40 a class: full rows of 10
                 grid = class_grid(images, targets.argmax(1), num_classes)
                 log_images(self.accelerator, {"samples": grid_array(grid)}, step)
-        if self.live is not None:
-            self.live(line)
+        if self.display is not None:
+            self.display.update(line)
         else:
             shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in line.items()
                      if k in ("student_step", "images", "images_per_s", "kd_L_kd", "inv_L_inv", "student_acc")}
             log.info(" ".join(f"{k}={v}" for k, v in shown.items()))
+
+    def synthesis_progress(self, images: int, total: int) -> None:
+        """Images made while no metrics line is due (offline synthesis, a warming buffer): host counters only. The
+        terminal display moves its images bar; plain logs get a line at every tenth of the images."""
+        if not self.is_main:
+            return
+        if self.display is not None:
+            self.display.advance(images)
+            return
+        tenths = 10 * images // max(total, 1)
+        if tenths > self.reported_tenths:
+            self.reported_tenths = tenths
+            log.info("images made: %d/%d (no student step yet)", images, total)
 
     # --- checkpoints ----------------------------------------------------------------------------------------------
     def has_checkpoint(self) -> bool:

@@ -10,6 +10,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import signal
 import sys
 from pathlib import Path
 
@@ -103,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         log.info("run dir %s on %s", run_dir, accelerator.device)
         outputs.start_tracking(accelerator, resolved)
         live = LiveDisplay.create(cfg.images, cfg.student_steps) if is_main else None
-        outputs.live = live.update if live else None
+        outputs.display = live
         try:
             with stop_on_signals() as stop, live or contextlib.nullcontext():
                 summary = co_train(cfg, world, accelerator, outputs, checkpoint, stop)
@@ -112,6 +113,9 @@ def main(argv: list[str] | None = None) -> int:
                                                 accelerator, cfg.gen_batch, cfg.images)
         except Stopped as stopped:
             return stopped.exit_code
+        except KeyboardInterrupt:  # a second Ctrl-C: at once, without a traceback; checkpoints are written atomically
+            log.warning("interrupted at once: the last checkpoint written stays, --resume continues from it")
+            return 128 + signal.SIGINT
         finally:
             outputs.finish_tracking()
     if is_main:

@@ -202,8 +202,9 @@ def grid_array(grid: torch.Tensor) -> np.ndarray:
 # --- the live display -------------------------------------------------------------------------------------------
 class LiveDisplay:
     """On a terminal: a bar for images made, one for student steps, and a line with the latest accuracy, losses,
-    buffer fill and images/s; it moves at every metrics line (``--log-every``). Not on a terminal (CI, pipes,
-    files): :meth:`create` returns None and the run logs plain lines."""
+    buffer fill and images/s; it moves at every metrics line (``--log-every``) and, while no student step is made
+    (offline synthesis), its images bar at every finished micro-batch. Not on a terminal (CI, pipes, files):
+    :meth:`create` returns None and the run logs plain lines."""
 
     def __init__(self, images: int, student_steps: int, console=None):
         from rich.console import Console, Group
@@ -239,6 +240,10 @@ class LiveDisplay:
         self.progress.update(self.steps, completed=line["student_step"])
         self.last_acc = line.get("student_acc", self.last_acc)
         self.live.update(Group(self.progress, Text.assemble(*status_parts(line, self.last_acc))))
+
+    def advance(self, images: int) -> None:
+        """The images bar alone, between metrics lines (offline synthesis makes no student step to log)."""
+        self.progress.update(self.images, completed=min(images, self.progress.tasks[0].total))
 
 
 def logging_console():

@@ -256,6 +256,28 @@ def test_sigint_writes_a_checkpoint_then_resume_continues(world, tmp_path, monke
     assert steps(run_dir) == [2, 4, 6, 8]
 
 
+def test_a_second_sigint_stops_at_once_without_a_traceback(world, tmp_path, monkeypatch, capsys):
+    run_dir = tmp_path / "run"
+    real, calls = engine.loop.student_step, []
+
+    def interrupted_twice(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 5:  # after the checkpoint of step 4
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)  # impatient: the second one before the tick ends
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(engine.loop, "student_step", interrupted_twice)
+    code, err = run(world, run_dir, capsys)
+    monkeypatch.undo()
+    assert code == 130 and "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    assert "interrupted at once: the last checkpoint written stays" in err
+    assert torch.load(run_dir / "checkpoint.pt", weights_only=False)["state"]["student_step"] == 4
+    assert not (run_dir / "summary.json").exists()
+    ok(world, run_dir, capsys, "--resume")
+    assert steps(run_dir) == [2, 4, 6, 8]
+
+
 @pytest.mark.slow
 def test_sigterm_stops_a_real_process_cleanly(world, tmp_path):
     run_dir = tmp_path / "run"

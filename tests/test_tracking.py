@@ -111,6 +111,26 @@ def test_plain_log_lines_off_a_terminal(world, tmp_path, capsys):
     assert "student_step=2 " in err and "student_step=4 " in err and "\x1b[" not in err  # no escape sequences
 
 
+def test_offline_synthesis_reports_progress_before_any_student_step(world, tmp_path, capsys):
+    """16 images in micro-batches of 4 with no student step until the last: a plain line at each quarter, all
+    before the first metrics line (they are the only sign of life of a long offline synthesis)."""
+    err = run_ok(world, tmp_path / "run", capsys, "--schedule", "offline", "--student-steps", "4")
+    lines = [line for line in err.splitlines() if "images made:" in line or "student_step=" in line]
+    made = [line.split("images made: ")[1].split(" ")[0] for line in lines if "images made:" in line]
+    assert made == ["4/16", "8/16", "12/16", "16/16"]
+    assert all("images made:" in line for line in lines[:4]) and "student_step=2 " in lines[4]
+
+
+def test_live_display_advances_its_images_bar_between_metrics_lines():
+    from rich.console import Console
+
+    out = io.StringIO()
+    display = LiveDisplay(images=16, student_steps=8, console=Console(file=out, force_terminal=True, width=110))
+    with display:
+        display.advance(12)
+    assert "12/16" in out.getvalue().rsplit("images", 1)[-1] and "0/8" in out.getvalue()
+
+
 def test_wandb_offline(world, tmp_path, capsys, monkeypatch):
     pytest.importorskip("wandb")
     monkeypatch.setenv("WANDB_MODE", "unset")
@@ -161,8 +181,7 @@ def test_a_resumed_run_logs_each_step_once_to_tensorboard(world, tmp_path, capsy
         return real_step(*args, **kwargs)
 
     monkeypatch.setattr(engine.loop, "student_step", crashing)
-    with pytest.raises(KeyboardInterrupt):
-        main(world.argv(run_dir, "--log-with", "tensorboard"))
+    assert main(world.argv(run_dir, "--log-with", "tensorboard")) == 130  # stopped at once, no final outputs
     monkeypatch.undo()
     run_ok(world, run_dir, capsys, "--log-with", "tensorboard", "--resume")
     events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0}).Reload()

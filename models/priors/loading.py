@@ -3,7 +3,6 @@ errors."""
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -14,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from models.json_files import read_json_object
 from models.priors.interface import SCHEDULERS, DiffusionPrior, PriorLoadError, _frozen, _square
 from models.priors.latent import DiTPrior, StableDiffusionPrior, vae_scale_factor
 from models.priors.pixel import PixelPrior
@@ -305,10 +305,4 @@ def _read_json(source: str | Path, filename: str, local_files_only: bool) -> dic
             return None
         except Exception as err:  # unknown repo, network down, ...
             raise _hub_error(source, err, local_files_only) from err
-    try:
-        value = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise PriorLoadError(f"cannot read {path} ({type(err).__name__}: {err}); fix or delete it") from None
-    if not isinstance(value, dict):
-        raise PriorLoadError(f"{path} is not a JSON object (it holds a {type(value).__name__}); fix or delete it")
-    return value
+    return read_json_object(path, PriorLoadError)
