@@ -236,7 +236,7 @@ class LiveDisplay:
         from rich.console import Group
         from rich.text import Text
 
-        self.progress.update(self.images, completed=min(line["images"], self.progress.tasks[0].total))
+        self.advance(line["images"])
         self.progress.update(self.steps, completed=line["student_step"])
         self.last_acc = line.get("student_acc", self.last_acc)
         self.live.update(Group(self.progress, Text.assemble(*status_parts(line, self.last_acc))))
