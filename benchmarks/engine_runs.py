@@ -21,7 +21,8 @@ from pathlib import Path
 
 from benchmarks.common import RESULTS_DIR, run_metadata
 from engine.checkpoints import atomic_write_json
-from engine.config import WORLDS
+from engine.config import WORLDS, RunConfig, parse_config
+from engine.resume import RESUME_SAFE, flag_name
 
 
 def budget_parser(doc: str, *, images: int, student_steps: int, runs: str | None, out: Path | None
@@ -69,11 +70,33 @@ def budget_record(args) -> dict:
             "world": getattr(args, "world", "digits")}
 
 
+def check_reusable(flags: list[str], run_dir: Path) -> None:
+    """Refuse to reuse a finished run that is not the run ``flags`` ask for (another budget, seed or objective):
+    its saved config.json is compared with what the flags resolve to now, except the fields that only say how a
+    run reports or where it computes (``engine.resume.RESUME_SAFE``; the budget counts). A field the run predates
+    must hold its default, the behaviour the engine had before it. Runs without config.json are not checked."""
+    saved_path = run_dir / "config.json"
+    if not saved_path.exists():
+        return
+    saved = json.loads(saved_path.read_text())
+    wanted = json.loads(parse_config(["--run-dir", str(run_dir), *flags]).resolved().to_json())
+    defaults = json.loads(RunConfig().to_json())
+    skip = (RESUME_SAFE - {"student_steps"}) | {"teacher_arch", "teacher_checkpoint"}  # the last two: the world's
+    changed = [f"{flag_name(k)} {saved[k] if k in saved else defaults[k]} (now {v})" for k, v in wanted.items()
+               if k not in skip and v != saved.get(k, defaults[k])]
+    if changed:
+        raise SystemExit(f"--reuse: {run_dir} was run with {', '.join(sorted(changed))}; delete that run directory "
+                         "or give it another --runs folder")
+
+
 def run_engine(name: str, flags: list[str], run_dir: Path, reuse: bool = False, threads: int = 0) -> dict:
     """The run's summary.json (student_acc, best_student_acc, wall_seconds, images, ...) with its ``record``
-    (commit, command, date, machine: ``record.json``, written once the run has finished)."""
+    (commit, command, date, machine: ``record.json``, written once the run has finished). ``reuse``: a finished
+    run is read back instead of run again, after :func:`check_reusable`."""
     summary, record = run_dir / "summary.json", run_dir / "record.json"
-    if not (reuse and summary.exists()):
+    if reuse and summary.exists():
+        check_reusable(flags, run_dir)
+    else:
         flags = ["--no-guidance-grid", *flags]  # a benchmark reads summary.json; the grid would add ~40 s a run
         command = [sys.executable, "-m", "engine.run", "--run-dir", str(run_dir), "--overwrite", *flags]
         env = os.environ | ({"OMP_NUM_THREADS": str(threads)} if threads else {})

@@ -49,6 +49,29 @@ def test_reused_runs_carry_the_commit_that_ran_them_and_rows_list_every_commit(t
     assert seed_rows(runs, [0, 1])["commits"] == ["abc123", "unknown (run before record.json)"]
 
 
+def test_reuse_refuses_a_run_made_with_another_budget_seed_or_objective(tmp_path):
+    import json
+
+    from benchmarks.engine_runs import run_engine
+    from engine.config import parse_config
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    saved = json.loads(parse_config(["--run-dir", str(run_dir), "--seed", "1", "--images", "64"]).resolved().to_json())
+    saved.pop("kd_tail")  # a run that predates --kd-tail trained without a tail
+    (run_dir / "config.json").write_text(json.dumps(saved | {"log_every": 7, "teacher_arch": "convnet2-w32"}))
+    (run_dir / "summary.json").write_text(json.dumps({"student_acc": 0.5}))
+    # the same run asked for with defaults spelled out and other reporting: reused, no engine run
+    assert run_engine("m", ["--method", "diffdfkd", "--seed", "1", "--images", "64", "--log-every", "3"], run_dir,
+                      reuse=True)["student_acc"] == 0.5
+    for flags, named in ((["--seed", "0", "--images", "64"], "--seed 1 (now 0)"),
+                         (["--seed", "1", "--images", "2000"], "--images 64 (now 2000)"),
+                         (["--seed", "1", "--images", "64", "--student-steps", "9"], "--student-steps"),
+                         (["--seed", "1", "--images", "64", "--kd-tail", "0.5"], "--kd-tail 0.0 (now 0.5)")):
+        with pytest.raises(SystemExit, match=named.replace("(", r"\(").replace(")", r"\)")):
+            run_engine("m", flags, run_dir, reuse=True)
+
+
 def test_lever_rows_carry_flags_accuracy_and_the_exposure_of_oldest_and_newest_images(tmp_path):
     import json
 
