@@ -78,26 +78,26 @@ def main(argv: list[str] | None = None) -> int:
     if "scratch-real" in args.methods:
         rows["scratch-real"] = [scratch_student(args, seed, args.runs / f"scratch-real-s{seed}", args.reuse)
                                 for seed in args.seeds]
+    costs = {name: method_cost([*METHODS[name], *budget])
+             for name in METHODS if name in {*engine_methods, *args.equal_compute, "ours-online"}}
+    # Equal compute: the images that ours-online's total FLOPs buy each method, at the same student steps. Counted
+    # FLOPs do not depend on the runs, so these runs share one queue with the others (no core waits at a barrier).
+    ours_total = run_flops(costs["ours-online"], args.images, args.student_steps)
+    equal = {name: images_at_equal_compute(costs[name], ours_total, args.student_steps)
+             for name in args.equal_compute}
     jobs = [(name, [*METHODS[name], "--seed", str(seed), *budget], args.runs / f"{name}-s{seed}")
             for name in engine_methods for seed in args.seeds]
+    jobs += [(f"{name}@ours-compute", [*METHODS[name], "--seed", str(seed), *budget, "--images", str(equal[name])],
+              args.runs / f"{name}-eqc-s{seed}") for name in equal for seed in args.seeds]
     summaries = iter(run_engines(jobs, args.reuse, args.jobs))
     for name in engine_methods:
         rows[name] = [next(summaries) for _ in args.seeds]
     for name, runs in rows.items():
         results["methods"][name] = seed_rows(runs, args.seeds)
-    costs = {name: method_cost([*METHODS[name], *budget])
-             for name in METHODS if name in {*engine_methods, *args.equal_compute, "ours-online"}}
     for name in engine_methods:
         results["methods"][name]["compute"] = costs[name] | {
             "total_flops": run_flops(costs[name], args.images, args.student_steps)}
 
-    # Equal compute: the images that ours-online's total FLOPs buy each method, at the same student steps.
-    ours_total = run_flops(costs["ours-online"], args.images, args.student_steps)
-    equal = {name: images_at_equal_compute(costs[name], ours_total, args.student_steps)
-             for name in args.equal_compute}
-    jobs = [(f"{name}@ours-compute", [*METHODS[name], "--seed", str(seed), *budget, "--images", str(equal[name])],
-             args.runs / f"{name}-eqc-s{seed}") for name in equal for seed in args.seeds]
-    summaries = iter(run_engines(jobs, args.reuse, args.jobs))
     results["equal_compute"] = {}
     for name, images in equal.items():
         row = seed_rows([next(summaries) for _ in args.seeds], args.seeds)
