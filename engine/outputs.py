@@ -96,6 +96,10 @@ def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> Iterator[No
             holder = (lock.read().split() or ["?"])[-1]
             raise UserError(f"{run_dir} is in use by another run (process {holder}); wait for it to end "
                             "or pass another --run-dir") from None
+        except OSError as err:  # ENOLCK, EOPNOTSUPP: a filesystem without locks (some NFS mounts); run unguarded
+            log.warning(
+                "cannot lock %s (%s): nothing stops a second run from writing to this folder at the same time",
+                run_dir, err.strerror)
         lock.truncate(0)
         lock.write(f"{os.getpid()}\n")
         lock.flush()
