@@ -6,7 +6,7 @@ import pytest
 
 NAMES = ["accuracy", "ablations", "frontier", "fidelity", "teacher_strength", "guidance", "throughput", "step_costs",
          "memory", "students", "flops", "host_syncs", "compute", "bn_batch_scaling", "prior_fidelity", "guided_pass",
-         "levers"]
+         "levers", "bn_sweep"]
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -103,3 +103,34 @@ def test_guided_pass_benchmark_times_both_passes_through_the_pool(tmp_path):
                  "--out", str(out)]) == 0
     result = json.loads(out.read_text())
     assert set(result["seconds_per_tick"]) == {"pool", "micro-batch"} and result["pool_over_micro_batch"] > 0
+
+
+def test_bn_sweep_scores_a_run_buffer_first_and_last_images_and_the_predicted_classes(tmp_path):
+    """A checkpoint.pt buffer whose first half the teacher reads as its targets and whose second half it does not:
+    the two parts must get agreement 1 and 0, and the histogram must count the teacher's classes."""
+    import json
+
+    import torch
+
+    from benchmarks.bn_sweep import buffer_metrics, read_buffer
+    from engine.sampler import TeacherView
+    from models.registry import build_classifier
+
+    torch.manual_seed(0)
+    teacher = build_classifier("convnet-w8", num_classes=3, in_channels=1).eval()
+    images = torch.randint(0, 256, (8, 1, 28, 28), dtype=torch.uint8)
+    view = TeacherView(28, 1, [0.5], [0.25])
+    with torch.no_grad():
+        predicted = teacher(view(images.float() / 255)).argmax(1)
+    wrong = (predicted + 1) % 3
+    targets = torch.cat([predicted[:4], wrong[4:]])
+    one_hot = torch.nn.functional.one_hot(targets, 3).float()
+    run = tmp_path / "run"
+    run.mkdir()
+    torch.save({"ranks": [{"buffer": {"images": images, "targets": one_hot, "logits": torch.zeros(8, 3)}}]},
+               run / "checkpoint.pt")
+    row = buffer_metrics(teacher, view, read_buffer(run), count=4, batch=4)
+    assert row["first"]["teacher_agreement"] == 1.0 and row["last"]["teacher_agreement"] == 0.0
+    assert row["agreement_whole_buffer"] == 0.5 and row["images_in_buffer"] == 8
+    assert row["predicted_class_histogram"] == torch.bincount(predicted).tolist()
+    assert row["first"]["bn_distance"] > 0 and json.dumps(row)
