@@ -22,11 +22,10 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import RESULTS_DIR, run_metadata, write_results
-from benchmarks.guidance import check_default_world, mode_config, run_mode, set_metrics, teacher_logits
+from benchmarks.guidance import default_teacher, mode_config, run_mode, set_metrics, teacher_logits
 from engine.checkpoints import atomic_path
-from engine.classifiers import resolve_classifier
 from engine.config import RunConfig
-from engine.datasets import as_tensors, load_dataset
+from engine.datasets import as_tensors
 from engine.errors import UserError, exits_cleanly
 from engine.logs import setup_logging
 from engine.sampler import TeacherView
@@ -88,14 +87,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.images <= 0 or args.steps <= 0 or args.batch <= 0:
         raise UserError("--images, --steps and --batch must be positive")
-    check_default_world()
     setup_logging()
     device = resolve_device(args.device)
-    test_set, info = load_dataset("mnist", "test")
-    spec = resolve_classifier("default", info)
-    teacher = spec.model.to(device).eval().requires_grad_(False)
-    view = TeacherView(spec.provenance.get("image_size", info.image_size),
-                       spec.provenance.get("in_channels", info.channels), spec.mean, spec.std).to(device)
+    test_set, info, _, teacher, view = default_teacher(device)
     results, grids = {"guided": {}, "buffers": {}}, {}
     if args.bn:
         prior = load_run_prior(RunConfig(), info, device)

@@ -80,6 +80,17 @@ def check_default_world() -> None:
         raise UserError(f"the default prior is missing ({DEFAULT_PRIOR}); run: python -m engine.train_prior")
 
 
+def default_teacher(device: torch.device):
+    """The default world's MNIST test set, its info, the teacher's spec, the frozen teacher and its input view."""
+    check_default_world()
+    test_set, info = load_dataset("mnist", "test")
+    spec = resolve_classifier("default", info)
+    teacher = spec.model.to(device).eval().requires_grad_(False)
+    view = TeacherView(spec.provenance.get("image_size", info.image_size),
+                       spec.provenance.get("in_channels", info.channels), spec.mean, spec.std).to(device)
+    return test_set, info, spec, teacher, view
+
+
 @torch.no_grad()
 def teacher_logits(teacher: torch.nn.Module, view: TeacherView, images: torch.Tensor, batch: int) -> torch.Tensor:
     return torch.cat([teacher(view(images[i:i + batch])) for i in range(0, len(images), batch)])
@@ -150,15 +161,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.images <= 0 or args.steps <= 0 or args.batch <= 0:
         raise UserError("--images, --steps and --batch must be positive")
-    check_default_world()
     setup_logging()
     device = resolve_device(args.device)
-    test_set, info = load_dataset("mnist", "test")
-    teacher_spec = resolve_classifier("default", info)
-    teacher = teacher_spec.model.to(device).eval().requires_grad_(False)
-    size = teacher_spec.provenance.get("image_size", info.image_size)
-    channels = teacher_spec.provenance.get("in_channels", info.channels)
-    view = TeacherView(size, channels, teacher_spec.mean, teacher_spec.std).to(device)
+    test_set, info, teacher_spec, teacher, view = default_teacher(device)
     prior = load_run_prior(RunConfig(), info, device)
 
     results, sets = {}, {}
