@@ -27,9 +27,7 @@ from engine.checkpoints import atomic_path
 from engine.config import RunConfig
 from engine.datasets import as_tensors
 from engine.errors import UserError, exits_cleanly
-from engine.logs import setup_logging
 from engine.sampler import TeacherView
-from engine.synthesize import resolve_device
 from engine.world import load_run_prior
 
 log = logging.getLogger("benchmarks.bn_sweep")
@@ -49,12 +47,12 @@ def buffer_metrics(teacher, view: TeacherView, buffer: dict, count: int, batch: 
     histogram over the whole buffer (does it cover the classes, whatever the targets say?)."""
     images, targets = buffer["images"], buffer["targets"]
     n = len(images)
-    predicted = teacher_logits(teacher, view, images, batch).argmax(1)
+    logits = teacher_logits(teacher, view, images, batch)  # once; the parts below are slices of it
+    predicted = logits.argmax(1)
     row = {"images_in_buffer": n, "predicted_class_histogram": torch.bincount(predicted).tolist(),
            "agreement_whole_buffer": round((predicted == targets.argmax(1)).float().mean().item(), 4)}
     for name, part in (("first", slice(0, count)), ("last", slice(max(0, n - count), n))):
-        logits = teacher_logits(teacher, view, images[part], batch)
-        row[name] = set_metrics(teacher, view, images[part], logits, targets[part], batch)
+        row[name] = set_metrics(teacher, view, images[part], logits[part], targets[part], batch)
     return row
 
 
@@ -85,11 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
 @exits_cleanly
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.images <= 0 or args.steps <= 0 or args.batch <= 0:
-        raise UserError("--images, --steps and --batch must be positive")
-    setup_logging()
-    device = resolve_device(args.device)
-    test_set, info, _, teacher, view = default_teacher(device)
+    device, test_set, info, _, teacher, view = default_teacher(args)
     results, grids = {"guided": {}, "buffers": {}}, {}
     if args.bn:
         prior = load_run_prior(RunConfig(), info, device)

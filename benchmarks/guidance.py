@@ -80,15 +80,20 @@ def check_default_world() -> None:
         raise UserError(f"the default prior is missing ({DEFAULT_PRIOR}); run: python -m engine.train_prior")
 
 
-def default_teacher(device: torch.device):
-    """The default world's MNIST test set, its info, the teacher's spec, the frozen teacher and its input view."""
+def default_teacher(args: argparse.Namespace):
+    """Check ``--images/--steps/--batch``, set up logging, and load the default world: the device, the MNIST test
+    set, its info, the teacher's spec, the frozen teacher and its input view (guidance and bn_sweep share it)."""
+    if args.images <= 0 or args.steps <= 0 or args.batch <= 0:
+        raise UserError("--images, --steps and --batch must be positive")
     check_default_world()
+    setup_logging()
+    device = resolve_device(args.device)
     test_set, info = load_dataset("mnist", "test")
     spec = resolve_classifier("default", info)
     teacher = spec.model.to(device).eval().requires_grad_(False)
     view = TeacherView(spec.provenance.get("image_size", info.image_size),
                        spec.provenance.get("in_channels", info.channels), spec.mean, spec.std).to(device)
-    return test_set, info, spec, teacher, view
+    return device, test_set, info, spec, teacher, view
 
 
 @torch.no_grad()
@@ -159,11 +164,7 @@ def save_side_by_side(left: torch.Tensor, right: torch.Tensor, labels: torch.Ten
 @exits_cleanly
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.images <= 0 or args.steps <= 0 or args.batch <= 0:
-        raise UserError("--images, --steps and --batch must be positive")
-    setup_logging()
-    device = resolve_device(args.device)
-    test_set, info, teacher_spec, teacher, view = default_teacher(device)
+    device, test_set, info, teacher_spec, teacher, view = default_teacher(args)
     prior = load_run_prior(RunConfig(), info, device)
 
     results, sets = {}, {}
