@@ -41,6 +41,11 @@ VARIANTS = {
     # α an order of magnitude up: a 100-image screen (15 steps, no CutMix) took the BN distance from 73 (α = 0.1)
     # to 48 (0.3) and 24 (1.0; real MNIST 16.8) at 98-99% teacher agreement; α = 3 broke the strokes (52%)
     "bn-0.5": ["--bn", "0.5"], "bn-1": ["--bn", "1"],
+    # α = 1 with the other levers: offline at the same α (is online still behind its own schedule?), the 25-step
+    # sampler guided every 2nd, and the post-synthesis tail
+    "offline-bn-1": ["--schedule", "offline", "--bn", "1"],
+    "bn-1-steps-25-every-2": ["--bn", "1", "--sampler-steps", "25", "--guide-every", "2"],
+    "bn-1-kd-tail-0.5": ["--bn", "1", "--kd-tail", "0.5"],
     "cls-5": ["--cls", "5"], "cls-20": ["--cls", "20"],
     "eta-0.05": ["--step-size", "0.05"], "eta-0.2": ["--step-size", "0.2"],
 }
