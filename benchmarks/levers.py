@@ -1,5 +1,6 @@
 """Levers for ours (online DiffDFKD) against its own baseline, issue 16: each variant at the default budget over
-the same seeds, in either world. The baseline row is the default run; every other row changes one thing.
+the same seeds, in either world. The baseline row is the default run; every other row changes one thing (the bn-0.1
+rows: against the default before 2026-12-04, α = 0.1).
 
     python -m benchmarks.levers --jobs 2 --variants baseline kd-tail-0.5 replay-balance-4
     python -m benchmarks.levers --world fashion --jobs 2      # -> benchmarks/results/levers_fashion.json
@@ -18,7 +19,7 @@ from benchmarks.common import run_metadata, write_results
 from benchmarks.engine_runs import add_world_flag, budget_parser, budget_record, run_variants, world_paths
 
 VARIANTS = {
-    "baseline": [],
+    "baseline": [],  # the default run: α = 1 since 2026-12-04
     # 1. replay exposure
     "kd-tail-0.25": ["--kd-tail", "0.25"],
     "kd-tail-0.5": ["--kd-tail", "0.5"],
@@ -29,25 +30,22 @@ VARIANTS = {
     "no-adv": ["--no-adv"],
     "offline": ["--schedule", "offline"],
     "offline-no-adv": ["--schedule", "offline", "--no-adv"],
+    "adv-js": ["--divergence", "js"],
     # 3. the sampler budget: 25 steps guided every 2nd, 64 UNet forward-equivalents per image against the default's
     # 60 (15 guided steps x 4; BENCHMARKS.md, the sampler frontier)
     "steps-25-every-2": ["--sampler-steps", "25", "--guide-every", "2"],
     "steps-25-every-2-tail-0.5": ["--sampler-steps", "25", "--guide-every", "2", "--kd-tail", "0.5"],  # 1 + 3
     "guidance-ramp-0.5": ["--guidance-ramp", "0.5"],  # η from 0.5η at the noisiest step to 1.5η at the last
-    # 2 (cont.): the divergence of L_adv
-    "adv-js": ["--divergence", "js"],
-    # 4. guidance strength per term (α = 0.1, β = 10, η = 0.1 by default)
-    "bn-0.05": ["--bn", "0.05"], "bn-0.2": ["--bn", "0.2"],
-    # α an order of magnitude up: a 100-image screen (15 steps, no CutMix) took the BN distance from 73 (α = 0.1)
-    # to 48 (0.3) and 24 (1.0; real MNIST 16.8) at 98-99% teacher agreement; α = 3 broke the strokes (52%)
-    "bn-0.5": ["--bn", "0.5"], "bn-1": ["--bn", "1"],
-    # α = 1 with the other levers: offline at the same α (is online still behind its own schedule?), the 25-step
-    # sampler guided every 2nd, and the post-synthesis tail
-    "offline-bn-1": ["--schedule", "offline", "--bn", "1"],
-    "bn-1-steps-25-every-2": ["--bn", "1", "--sampler-steps", "25", "--guide-every", "2"],
-    "bn-1-kd-tail-0.5": ["--bn", "1", "--kd-tail", "0.5"],
+    # 4. guidance strength per term (α = 1, β = 10, η = 0.1 by default). A 100-image screen (benchmarks.bn_sweep:
+    # 15 steps, no CutMix) took the BN distance from 73 (α = 0.1) to 48 (0.3) and 24 (1.0; real MNIST 18) at 98-99%
+    # teacher agreement; α = 3 broke the strokes (52%)
+    "bn-0.3": ["--bn", "0.3"], "bn-0.5": ["--bn", "0.5"], "bn-2": ["--bn", "2"],
     "cls-5": ["--cls", "5"], "cls-20": ["--cls", "20"],
     "eta-0.05": ["--step-size", "0.05"], "eta-0.2": ["--step-size", "0.2"],
+    # the rows measured at α = 0.1, the default until 2026-12-04 (their run records keep these names)
+    "bn-0.1": ["--bn", "0.1"],
+    "bn-0.1-kd-tail-0.5": ["--bn", "0.1", "--kd-tail", "0.5"],
+    "bn-0.1-steps-25-every-2": ["--bn", "0.1", "--sampler-steps", "25", "--guide-every", "2"],
 }
 
 
