@@ -34,6 +34,8 @@ WORLDS: dict[str, dict[str, str]] = {
                 "real_split": "half-a"},  # real-data KD draws from the teacher's half, never the prior's
 }
 World = Literal["digits", "fashion"]
+# The guided sampler's weights, which --method deepinv never reads (it has its own --deepinv-* weights).
+PRIOR_GUIDANCE_FIELDS = frozenset({"bn", "cls", "step_size", "guidance_ramp"})
 
 
 def opt(default, help: str, flag: str | None = None):

@@ -72,6 +72,28 @@ def test_reuse_refuses_a_run_made_with_another_budget_seed_or_objective(tmp_path
             run_engine("m", flags, run_dir, reuse=True)
 
 
+def test_reuse_ignores_the_guided_samplers_weights_only_for_deepinversion_which_never_reads_them(tmp_path):
+    import json
+
+    from benchmarks.engine_runs import run_engine
+    from engine.config import parse_config
+
+    for method in ("deepinv", "diffdfkd"):
+        run_dir = tmp_path / method
+        run_dir.mkdir()
+        flags = ["--method", method, "--images", "64"]
+        saved = json.loads(parse_config(["--run-dir", str(run_dir), *flags, "--bn", "0.1"]).resolved().to_json())
+        (run_dir / "config.json").write_text(json.dumps(saved))
+        (run_dir / "summary.json").write_text(json.dumps({"student_acc": 0.5}))
+        if method == "deepinv":  # the default α is not 0.1: still the same DeepInversion run
+            assert run_engine("m", flags, run_dir, reuse=True)["student_acc"] == 0.5
+            with pytest.raises(SystemExit, match="--deepinv-bn"):  # its own weights still count
+                run_engine("m", [*flags, "--deepinv-bn", "3"], run_dir, reuse=True)
+        else:
+            with pytest.raises(SystemExit, match=r"--bn 0.1 \(now 1.0\)"):
+                run_engine("m", flags, run_dir, reuse=True)
+
+
 def test_lever_rows_carry_flags_accuracy_and_the_exposure_of_oldest_and_newest_images(tmp_path):
     import json
 
