@@ -115,6 +115,14 @@ def test_lever_rows_carry_flags_accuracy_and_the_exposure_of_oldest_and_newest_i
     assert rows["baseline"]["draws_oldest_tenth"] == 300.5 and rows["baseline"]["draws_newest_tenth"] == 10.5
 
 
+def test_every_lever_variant_is_a_valid_engine_command_line():
+    from benchmarks.levers import VARIANTS
+    from engine.config import parse_config
+
+    for name, flags in VARIANTS.items():  # a typo in a flag would only surface an hour into a lever run
+        assert parse_config(["--run-dir", "unused", *flags]).resolved() is not None, name
+
+
 def test_guided_pass_benchmark_times_both_passes_through_the_pool(tmp_path):
     import json
 
