@@ -101,6 +101,17 @@ def test_fashion_preset_resolves_teacher_prior_dataset_student():
     assert set(WORLDS["fashion"]) == set(WORLDS["digits"])  # every world sets the same fields
 
 
+def test_alpha_is_per_world_and_an_explicit_bn_wins():
+    """α (--bn) differs by world (fashion 0.5, digits 1.0: BENCHMARKS.md "α per world"); the guided step reads it."""
+    from engine.synthesis.guided import GuidanceConfig
+
+    assert parse_config(["--world", "fashion"]).resolved().bn == 0.5
+    assert parse_config(["--world", "digits"]).resolved().bn == 1.0 == GuidanceConfig().bn
+    assert parse_config(["--world", "fashion", "--bn", "1"]).resolved().bn == 1.0
+    assert parse_config(["--bn", "2", "--world", "fashion"]).resolved().bn == 2.0
+    assert parse_config(["--world", "fashion", "--method", "dmkd"]).resolved().bn == 0  # unguided: α never read
+
+
 def test_real_data_kd_in_the_fashion_world_draws_from_the_teachers_half(monkeypatch):
     """The real-data upper bound is KD on the teacher's own data (half A), never on the prior's half B."""
     import engine.world
