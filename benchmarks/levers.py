@@ -39,9 +39,9 @@ VARIANTS = {
     # the best guided cell of the fashion fidelity grid (300 images, 3 seeds: 74.0% against 63.7 at 15 steps, CFG 4);
     # a third of the default's UNet work per image
     "steps-5-cfg-4": ["--sampler-steps", "5", "--guidance-scale", "4"],
-    # 4. guidance strength per term (α = 1, fashion 0.5; β = 10, η = 0.1 by default). A 100-image screen (benchmarks.bn_sweep:
-    # 15 steps, no CutMix) took the BN distance from 73 (α = 0.1) to 48 (0.3) and 24 (1.0; real MNIST 18) at 98-99%
-    # teacher agreement; α = 3 broke the strokes (52%)
+    # 4. guidance strength per term (α = 1, fashion 0.5; β = 10, η = 0.1 by default). A 100-image screen
+    # (benchmarks.bn_sweep: 15 steps, no CutMix) took the BN distance from 73 (α = 0.1) to 48 (0.3) and 24 (1.0; real
+    # MNIST 18) at 98-99% teacher agreement; α = 3 broke the strokes (52%)
     "bn-0.3": ["--bn", "0.3"], "bn-0.5": ["--bn", "0.5"], "bn-2": ["--bn", "2"],
     "cls-5": ["--cls", "5"], "cls-20": ["--cls", "20"],
     "eta-0.05": ["--step-size", "0.05"], "eta-0.2": ["--step-size", "0.2"],
