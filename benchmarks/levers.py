@@ -1,6 +1,7 @@
 """Levers for ours (online DiffDFKD) against its own baseline, issue 16: each variant at the default budget over
 the same seeds, in either world. The baseline row is the default run; every other row changes one thing (the bn-0.1
-rows: against the default before 2026-12-04, α = 0.1; the bn-1 rows: the fashion world's before 2026-12-05).
+rows: against the default before 2026-12-04, α = 0.1; the bn-1 and bn-0.5 rows: the fashion world's before
+2026-12-05 and for a sitting of that day).
 
     python -m benchmarks.levers --jobs 2 --variants baseline kd-tail-0.5 replay-balance-4
     python -m benchmarks.levers --world fashion --jobs 2      # -> benchmarks/results/levers_fashion.json
@@ -19,7 +20,7 @@ from benchmarks.common import run_metadata, write_results
 from benchmarks.engine_runs import add_world_flag, budget_parser, budget_record, run_variants, world_paths
 
 VARIANTS = {
-    "baseline": [],  # the default run: α = 1 since 2026-12-04; in the fashion world α = 0.5 since 2026-12-05
+    "baseline": [],  # the default run: α = 1 since 2026-12-04; in the fashion world α = 0.25 since 2026-12-05
     # 1. replay exposure
     "kd-tail-0.25": ["--kd-tail", "0.25"],
     "kd-tail-0.5": ["--kd-tail", "0.5"],
@@ -39,7 +40,7 @@ VARIANTS = {
     # the best guided cell of the fashion fidelity grid (300 images, 3 seeds: 74.0% against 63.7 at 15 steps, CFG 4);
     # a third of the default's UNet work per image
     "steps-5-cfg-4": ["--sampler-steps", "5", "--guidance-scale", "4"],
-    # 4. guidance strength per term (α = 1, fashion 0.5; β = 10, η = 0.1 by default). A 100-image screen
+    # 4. guidance strength per term (α = 1, fashion 0.25; β = 10, η = 0.1 by default). A 100-image screen
     # (benchmarks.bn_sweep: 15 steps, no CutMix) took the BN distance from 73 (α = 0.1) to 48 (0.3) and 24 (1.0; real
     # MNIST 18) at 98-99% teacher agreement; α = 3 broke the strokes (52%)
     "bn-0.3": ["--bn", "0.3"], "bn-0.5": ["--bn", "0.5"], "bn-2": ["--bn", "2"],
@@ -53,6 +54,10 @@ VARIANTS = {
     "bn-1": ["--bn", "1"],
     "bn-1-kd-tail-0.5": ["--bn", "1", "--kd-tail", "0.5"],
     "bn-1-steps-5-cfg-4": ["--bn", "1", "--sampler-steps", "5", "--guidance-scale", "4"],
+    # the fashion default for a sitting of 2026-12-05 (α = 0.5; bn-0.5 above), offline
+    "offline-bn-0.5": ["--schedule", "offline", "--bn", "0.5"],
+    # below the fashion default: does the trend of lower α, better students go on? (with bn-0.1 above)
+    "no-bn": ["--no-bn"],
 }
 
 

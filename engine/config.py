@@ -27,14 +27,14 @@ MAX_IMAGES = 10_000_000
 # --world: the embedded worlds (SPEC §7), each the flags it sets; an explicit flag overrides its world's value.
 # digits must equal the dataclass defaults (today's default run). fashion: teacher on half A of Fashion-MNIST's
 # train set, prior on half B (engine/datasets.py fashion_halves), weights in models/weights/*-fashion. α (bn) is
-# per world: the best measured value differs (3 seeds each, BENCHMARKS.md "α per world"; fashion 0.5 since
-# 2026-12-05, was 1.0).
+# per world: the best measured value differs (3 seeds each, BENCHMARKS.md "α per world"; fashion 0.25 since
+# 2026-12-05, was 1.0, then 0.5 for a sitting).
 WORLDS: dict[str, dict[str, str | float]] = {
     "digits": {"teacher": "default", "prior": "default", "dataset": "mnist", "student": "convnet2-w16",
                "real_split": "train", "bn": 1.0},
     "fashion": {"teacher": "fashion", "prior": "fashion", "dataset": "fashion-mnist", "student": "convnet2-w16",
                 "real_split": "half-a",  # real-data KD draws from the teacher's half, never the prior's
-                "bn": 0.5},
+                "bn": 0.25},
 }
 World = Literal["digits", "fashion"]
 # The guided sampler's weights, which --method deepinv never reads (it has its own --deepinv-* weights).
