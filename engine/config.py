@@ -80,7 +80,7 @@ class RunConfig:
                                      "tiny (e.g. madebyollin/taesd for SD 1.x/2.x and DiT)")
     # --- synthesis (SPEC §2) -------------------------------------------------------------------------------------
     bn: float = opt(1.0, "α: weight of the BN-statistics loss (1.0 since 2026-12-04, was 0.1; --world fashion: "
-                       "0.5 since 2026-12-05; BENCHMARKS.md: levers)")
+                       "0.25 since 2026-12-05; BENCHMARKS.md: levers)")
     cls: float = opt(10.0, "β: weight of the class-prior cross-entropy")
     adv: float = opt(1.0, "γ: weight of the adversarial loss (after --adv-warmup-images images)")
     step_size: float = opt(0.1, "η: latent step per timestep (per sample: the gradient is scaled by the batch size)")
