@@ -16,6 +16,7 @@ The reference rows (real MNIST test images, raw scikit-learn digits) are ``bench
 from __future__ import annotations
 
 import argparse
+import itertools
 import logging
 from pathlib import Path
 
@@ -70,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.bn_sweep", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     parser.add_argument("--bn", type=float, nargs="*", default=[0.1, 0.3, 1.0, 3.0], help="α values to sweep")
+    parser.add_argument("--first-bn", type=float, nargs="+", default=[1.0],
+                        help="first-BN-layer multipliers to sweep with every α (DeepInversion uses 10)")
     parser.add_argument("--images", type=int, default=100, help="images per α (classes balanced)")
     parser.add_argument("--steps", type=int, default=RunConfig().sampler_steps, help="sampler steps")
     parser.add_argument("--batch", type=int, default=RunConfig().gen_batch, help="generation and BN-metric batch")
@@ -87,14 +90,15 @@ def main(argv: list[str] | None = None) -> int:
     results, grids = {"guided": {}, "buffers": {}}, {}
     if args.bn:
         prior = load_run_prior(RunConfig(), info, device)
-    for alpha in args.bn:
-        out = run_mode(mode_config(args, {"use_cutmix": False, "bn": alpha}), prior, teacher, view,
-                       info.num_classes, device)
-        grids[f"bn={alpha:g}"] = out["images"]
-        results["guided"][f"bn={alpha:g}"] = set_metrics(teacher, view, out["images"].to(device), out["logits"],
-                                                         out["weights"], args.batch) | {
-            "bn": alpha, "images_per_s": round(out["images_per_s"], 3)}
-        log.info("α = %g: %s", alpha, results["guided"][f"bn={alpha:g}"])
+    for alpha, first in itertools.product(args.bn, args.first_bn):
+        name = f"bn={alpha:g}" + (f",first={first:g}" if args.first_bn != [1.0] else "")
+        out = run_mode(mode_config(args, {"use_cutmix": False, "bn": alpha, "first_bn_multiplier": first}), prior,
+                       teacher, view, info.num_classes, device)
+        grids[name] = out["images"]
+        results["guided"][name] = set_metrics(teacher, view, out["images"].to(device), out["logits"],
+                                              out["weights"], args.batch) | {
+            "bn": alpha, "first_bn_multiplier": first, "images_per_s": round(out["images_per_s"], 3)}
+        log.info("%s: %s", name, results["guided"][name])
     for run_dir in args.buffers:
         results["buffers"][str(run_dir)] = buffer_metrics(teacher, view, read_buffer(run_dir), args.images,
                                                           args.batch)

@@ -27,11 +27,11 @@ MAX_IMAGES = 10_000_000
 # --world: the embedded worlds (SPEC §7), each the flags it sets; an explicit flag overrides its world's value.
 # digits must equal the dataclass defaults (today's default run). fashion: teacher on half A of Fashion-MNIST's
 # train set, prior on half B (engine/datasets.py fashion_halves), weights in models/weights/*-fashion. α (bn) is
-# per world: the best measured value differs (3 seeds each, BENCHMARKS.md "α per world"; fashion 0.25 since
-# 2026-12-05, was 1.0, then 0.5 for a sitting).
+# per world: the best measured value differs (3 seeds each, BENCHMARKS.md "α per world"; digits 2.0 since
+# 2026-12-05, was 0.1, then 1.0; fashion 0.25 since 2026-12-05, was 1.0, then 0.5 for a sitting).
 WORLDS: dict[str, dict[str, str | float]] = {
     "digits": {"teacher": "default", "prior": "default", "dataset": "mnist", "student": "convnet2-w16",
-               "real_split": "train", "bn": 1.0},
+               "real_split": "train", "bn": 2.0},
     "fashion": {"teacher": "fashion", "prior": "fashion", "dataset": "fashion-mnist", "student": "convnet2-w16",
                 "real_split": "half-a",  # real-data KD draws from the teacher's half, never the prior's
                 "bn": 0.25},
@@ -79,8 +79,8 @@ class RunConfig:
     guidance_decoder_path: str = opt("", "folder or hub id of the diffusers AutoencoderTiny for --guidance-decoder "
                                      "tiny (e.g. madebyollin/taesd for SD 1.x/2.x and DiT)")
     # --- synthesis (SPEC §2) -------------------------------------------------------------------------------------
-    bn: float = opt(1.0, "α: weight of the BN-statistics loss (1.0 since 2026-12-04, was 0.1; --world fashion: "
-                       "0.25 since 2026-12-05; BENCHMARKS.md: levers)")
+    bn: float = opt(2.0, "α: weight of the BN-statistics loss (2.0 since 2026-12-05, was 0.1, then 1.0; --world "
+                       "fashion: 0.25 since 2026-12-05; BENCHMARKS.md: levers)")
     cls: float = opt(10.0, "β: weight of the class-prior cross-entropy")
     adv: float = opt(1.0, "γ: weight of the adversarial loss (after --adv-warmup-images images)")
     step_size: float = opt(0.1, "η: latent step per timestep (per sample: the gradient is scaled by the batch size)")

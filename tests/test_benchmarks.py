@@ -90,7 +90,7 @@ def test_reuse_ignores_the_guided_samplers_weights_only_for_deepinversion_which_
             with pytest.raises(SystemExit, match="--deepinv-bn"):  # its own weights still count
                 run_engine("m", [*flags, "--deepinv-bn", "3"], run_dir, reuse=True)
         else:
-            with pytest.raises(SystemExit, match=r"--bn 0.1 \(now 1.0\)"):
+            with pytest.raises(SystemExit, match=r"--bn 0.1 \(now 2.0\)"):
                 run_engine("m", flags, run_dir, reuse=True)
 
 

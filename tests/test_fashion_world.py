@@ -102,11 +102,11 @@ def test_fashion_preset_resolves_teacher_prior_dataset_student():
 
 
 def test_alpha_is_per_world_and_an_explicit_bn_wins():
-    """α (--bn) differs by world (fashion 0.25, digits 1.0: BENCHMARKS.md "α per world"); the guided step reads it."""
+    """α (--bn) differs by world (fashion 0.25, digits 2.0: BENCHMARKS.md "α per world"); the guided step reads it."""
     from engine.synthesis.guided import GuidanceConfig
 
     assert parse_config(["--world", "fashion"]).resolved().bn == 0.25
-    assert parse_config(["--world", "digits"]).resolved().bn == 1.0 == GuidanceConfig().bn
+    assert parse_config(["--world", "digits"]).resolved().bn == 2.0 == GuidanceConfig().bn
     assert parse_config(["--world", "fashion", "--bn", "1"]).resolved().bn == 1.0
     assert parse_config(["--bn", "2", "--world", "fashion"]).resolved().bn == 2.0
     assert parse_config(["--world", "fashion", "--method", "dmkd"]).resolved().bn == 0  # unguided: α never read

@@ -41,7 +41,7 @@ from models.priors import SCHEDULERS
 
 @dataclass
 class GuidanceConfig:
-    bn: float = 1.0  # α, BN-statistics weight (the engine default; was 0.1 until 2026-12-04)
+    bn: float = 2.0  # α, BN-statistics weight (the engine default; was 0.1, then 1.0 until 2026-12-05)
     cls: float = 10.0  # β, class-prior weight
     adv: float = 0.0  # γ, adversarial weight (the engine turns it on after its warm-up)
     step_size: float = 0.1  # η, per-sample latent step (the gradient is scaled by the batch size)
