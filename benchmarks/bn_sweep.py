@@ -10,6 +10,7 @@ the same metrics, on their first and last ``--images`` images, and adds the teac
     python -m benchmarks.bn_sweep --images 100 --steps 15 --bn 0.1 0.3 1 3 \\
         --buffers runs/deepinv runs/dmkd        # -> benchmarks/results/bn_sweep.json, bn_sweep.png
 
+``--world fashion`` does the same with the fashion teacher and prior (-> ``bn_sweep_fashion.json``, ``.png``).
 The reference rows (real MNIST test images, raw scikit-learn digits) are ``benchmarks.guidance``'s.
 """
 
@@ -25,7 +26,7 @@ import torch
 from benchmarks.common import RESULTS_DIR, run_metadata, write_results
 from benchmarks.guidance import default_teacher, mode_config, run_mode, set_metrics, teacher_logits
 from engine.checkpoints import atomic_path
-from engine.config import RunConfig
+from engine.config import WORLDS, RunConfig
 from engine.datasets import as_tensors
 from engine.errors import UserError, exits_cleanly
 from engine.sampler import TeacherView
@@ -71,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.bn_sweep", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     parser.add_argument("--bn", type=float, nargs="*", default=[0.1, 0.3, 1.0, 3.0], help="α values to sweep")
+    parser.add_argument("--world", choices=list(WORLDS), default="digits", help="embedded world (teacher, prior)")
     parser.add_argument("--first-bn", type=float, nargs="+", default=[1.0],
                         help="first-BN-layer multipliers to sweep with every α (DeepInversion uses 10)")
     parser.add_argument("--images", type=int, default=100, help="images per α (classes balanced)")
@@ -89,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     device, test_set, info, _, teacher, view = default_teacher(args)
     results, grids = {"guided": {}, "buffers": {}}, {}
     if args.bn:
-        prior = load_run_prior(RunConfig(), info, device)
+        prior = load_run_prior(mode_config(args, {}), info, device)
     for alpha, first in itertools.product(args.bn, args.first_bn):
         name = f"bn={alpha:g}" + (f",first={first:g}" if args.first_bn != [1.0] else "")
         out = run_mode(mode_config(args, {"use_cutmix": False, "bn": alpha, "first_bn_multiplier": first}), prior,
@@ -105,14 +107,16 @@ def main(argv: list[str] | None = None) -> int:
         log.info("%s: %s", run_dir, results["buffers"][str(run_dir)])
     images, labels = as_tensors(test_set, args.images)
     images = images.to(device)
-    results["real_mnist"] = set_metrics(teacher, view, images, teacher_logits(teacher, view, images, args.batch),
+    real = "real_mnist" if args.world == "digits" else f"real_{info.name}"
+    results[real] = set_metrics(teacher, view, images, teacher_logits(teacher, view, images, args.batch),
                                         labels, args.batch)
-    results["settings"] = {"images": args.images, "steps": args.steps, "batch": args.batch, "seed": args.seed,
+    results["settings"] = {"world": args.world, "images": args.images, "steps": args.steps, "batch": args.batch, "seed": args.seed,
                            "cutmix": False, "adv": False}
-    path = write_results(results | run_metadata("benchmarks.bn_sweep", argv), args.out_dir / "bn_sweep.json")
+    stem = "bn_sweep" if args.world == "digits" else f"bn_sweep_{args.world}"
+    path = write_results(results | run_metadata("benchmarks.bn_sweep", argv), args.out_dir / f"{stem}.json")
     if grids:
-        save_rows(grids, args.out_dir / "bn_sweep.png")
-    rows = {**results["guided"], "real_mnist": results["real_mnist"],
+        save_rows(grids, args.out_dir / f"{stem}.png")
+    rows = {**results["guided"], real: results[real],
             **{f"{k} ({part})": v[part] for k, v in results["buffers"].items() for part in ("first", "last")}}
     print(f"{'set':<48}{'agreement':>11}{'bn_distance':>13}")
     print("\n".join(f"{name:<48}{r['teacher_agreement']:>11.3f}{r['bn_distance']:>13.1f}" for name, r in rows.items()))

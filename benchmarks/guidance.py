@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from benchmarks.common import RESULTS_DIR, run_metadata, timed, write_results
 from engine.checkpoints import atomic_path
 from engine.classifiers import DEFAULT_PRIOR, PRETRAINED, WEIGHTS_DIR, resolve_classifier
-from engine.config import RunConfig
+from engine.config import WORLDS, RunConfig
 from engine.datasets import as_tensors, load_dataset
 from engine.errors import UserError, exits_cleanly
 from engine.logs import setup_logging
@@ -68,8 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def mode_config(args: argparse.Namespace, overrides: dict) -> RunConfig:
+    world = getattr(args, "world", "digits")
+    presets = {k: v for k, v in WORLDS[world].items() if k in ("teacher", "prior", "dataset", "student")}
     return RunConfig(images=args.images, gen_batch=args.batch, seed=args.seed, sampler_steps=args.steps, adv=0.0,
-                     use_adv=False, **overrides).resolved()
+                     use_adv=False, world=world, **presets | overrides).resolved()
 
 
 def check_default_world() -> None:
@@ -81,15 +83,18 @@ def check_default_world() -> None:
 
 
 def default_teacher(args: argparse.Namespace):
-    """Check ``--images/--steps/--batch``, set up logging, and load the default world: the device, the MNIST test
-    set, its info, the teacher's spec, the frozen teacher and its input view (guidance and bn_sweep share it)."""
+    """Check ``--images/--steps/--batch``, set up logging, and load the world (``args.world``, digits unless set):
+    the device, its real test set, its info, the teacher's spec, the frozen teacher and its input view (guidance
+    and bn_sweep share it)."""
     if args.images <= 0 or args.steps <= 0 or args.batch <= 0:
         raise UserError("--images, --steps and --batch must be positive")
-    check_default_world()
+    world = WORLDS[getattr(args, "world", "digits")]
+    if world is WORLDS["digits"]:
+        check_default_world()
     setup_logging()
     device = resolve_device(args.device)
-    test_set, info = load_dataset("mnist", "test")
-    spec = resolve_classifier("default", info)
+    test_set, info = load_dataset(world["dataset"], "test")
+    spec = resolve_classifier(world["teacher"], info)
     teacher = spec.model.to(device).eval().requires_grad_(False)
     view = TeacherView(spec.provenance.get("image_size", info.image_size),
                        spec.provenance.get("in_channels", info.channels), spec.mean, spec.std).to(device)
