@@ -164,3 +164,21 @@ def test_bn_sweep_scores_a_run_buffer_first_and_last_images_and_the_predicted_cl
     assert row["agreement_whole_buffer"] == 0.5 and row["images_in_buffer"] == 8
     assert row["predicted_class_histogram"] == torch.bincount(predicted).tolist()
     assert row["first"]["bn_distance"] > 0 and json.dumps(row)
+
+
+def test_bn_sweep_runs_the_fashion_world_and_the_first_bn_multiplier_reaches_the_guided_step(tmp_path):
+    """Two first-BN multipliers at one α, on the fashion world's committed teacher and prior: one row each, named
+    by both values, the real test images of that world as the reference, and different images (the multiplier
+    reaches the guided step; a sweep that dropped it would give identical rows)."""
+    import json
+
+    from benchmarks.bn_sweep import main
+
+    assert main(["--world", "fashion", "--images", "4", "--steps", "2", "--batch", "4", "--bn", "1", "--first-bn",
+                 "1", "10", "--out-dir", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "bn_sweep_fashion.json").read_text())
+    rows = result["guided"]
+    assert set(rows) == {"bn=1,first=1", "bn=1,first=10"} and result["settings"]["world"] == "fashion"
+    assert rows["bn=1,first=10"]["first_bn_multiplier"] == 10 and "real_fashion-mnist" in result
+    assert rows["bn=1,first=1"]["bn_distance"] != rows["bn=1,first=10"]["bn_distance"]
+    assert (tmp_path / "bn_sweep_fashion.png").exists()
