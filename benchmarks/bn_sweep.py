@@ -108,10 +108,10 @@ def main(argv: list[str] | None = None) -> int:
     images, labels = as_tensors(test_set, args.images)
     images = images.to(device)
     real = "real_mnist" if args.world == "digits" else f"real_{info.name}"
-    results[real] = set_metrics(teacher, view, images, teacher_logits(teacher, view, images, args.batch),
-                                        labels, args.batch)
-    results["settings"] = {"world": args.world, "images": args.images, "steps": args.steps, "batch": args.batch, "seed": args.seed,
-                           "cutmix": False, "adv": False}
+    results[real] = set_metrics(teacher, view, images, teacher_logits(teacher, view, images, args.batch), labels,
+                                args.batch)
+    results["settings"] = {"world": args.world, "images": args.images, "steps": args.steps, "batch": args.batch,
+                           "seed": args.seed, "cutmix": False, "adv": False}
     stem = "bn_sweep" if args.world == "digits" else f"bn_sweep_{args.world}"
     path = write_results(results | run_metadata("benchmarks.bn_sweep", argv), args.out_dir / f"{stem}.json")
     if grids:
