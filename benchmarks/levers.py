@@ -33,6 +33,7 @@ VARIANTS = {
     "offline-no-adv": ["--schedule", "offline", "--no-adv"],
     "adv-js": ["--divergence", "js"],
     "adv-3": ["--adv", "3"],  # γ ×3: L_adv is the one term that targets the current student, i.e. needs online
+    "offline-adv-3": ["--schedule", "offline", "--adv", "3"],
     # 3. the sampler budget: 25 steps guided every 2nd, 64 UNet forward-equivalents per image against the default's
     # 60 (15 guided steps x 4; BENCHMARKS.md, the sampler frontier)
     "steps-25-every-2": ["--sampler-steps", "25", "--guide-every", "2"],
