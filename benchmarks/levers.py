@@ -1,7 +1,7 @@
 """Levers for ours (online DiffDFKD) against its own baseline, issue 16: each variant at the default budget over
 the same seeds, in either world. The baseline row is the default run; every other row changes one thing (the bn-0.1
-rows: against the default before 2026-12-04, α = 0.1; the bn-1 and bn-0.5 rows: the fashion world's before
-2026-12-05 and for a sitting of that day).
+rows: against the default before 2026-12-04, α = 0.1; the bn-1 rows: both worlds' α before 2026-12-05; bn-0.5: the
+fashion world's for a sitting of that day).
 
     python -m benchmarks.levers --jobs 2 --variants baseline kd-tail-0.5 replay-balance-4
     python -m benchmarks.levers --world fashion --jobs 2      # -> benchmarks/results/levers_fashion.json
