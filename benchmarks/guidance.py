@@ -67,8 +67,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def world_of(args: argparse.Namespace) -> str:
+    """The embedded world a benchmark's flags name (``--world`` where the benchmark has it; digits otherwise)."""
+    return getattr(args, "world", "digits")
+
+
 def mode_config(args: argparse.Namespace, overrides: dict) -> RunConfig:
-    world = getattr(args, "world", "digits")
+    world = world_of(args)
     presets = {k: v for k, v in WORLDS[world].items() if k in ("teacher", "prior", "dataset", "student")}
     return RunConfig(images=args.images, gen_batch=args.batch, seed=args.seed, sampler_steps=args.steps, adv=0.0,
                      use_adv=False, world=world, **presets | overrides).resolved()
@@ -88,9 +93,9 @@ def default_teacher(args: argparse.Namespace):
     and bn_sweep share it)."""
     if args.images <= 0 or args.steps <= 0 or args.batch <= 0:
         raise UserError("--images, --steps and --batch must be positive")
-    world = WORLDS[getattr(args, "world", "digits")]
-    if world is WORLDS["digits"]:
+    if world_of(args) == "digits":
         check_default_world()
+    world = WORLDS[world_of(args)]
     setup_logging()
     device = resolve_device(args.device)
     test_set, info = load_dataset(world["dataset"], "test")
