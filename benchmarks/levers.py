@@ -38,6 +38,7 @@ VARIANTS = {
     # 60 (15 guided steps x 4; BENCHMARKS.md, the sampler frontier)
     "steps-25-every-2": ["--sampler-steps", "25", "--guide-every", "2"],
     "steps-25-every-2-tail-0.5": ["--sampler-steps", "25", "--guide-every", "2", "--kd-tail", "0.5"],  # 1 + 3
+    "offline-steps-25-every-2": ["--schedule", "offline", "--sampler-steps", "25", "--guide-every", "2"],
     "guidance-ramp-0.5": ["--guidance-ramp", "0.5"],  # η from 0.5η at the noisiest step to 1.5η at the last
     # the best guided cell of the fashion fidelity grid (300 images, 3 seeds: 74.0% against 63.7 at 15 steps, CFG 4);
     # a third of the default's UNet work per image
