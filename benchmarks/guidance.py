@@ -93,9 +93,10 @@ def default_teacher(args: argparse.Namespace):
     and bn_sweep share it)."""
     if args.images <= 0 or args.steps <= 0 or args.batch <= 0:
         raise UserError("--images, --steps and --batch must be positive")
-    if world_of(args) == "digits":
+    name = world_of(args)
+    if name == "digits":
         check_default_world()
-    world = WORLDS[world_of(args)]
+    world = WORLDS[name]
     setup_logging()
     device = resolve_device(args.device)
     test_set, info = load_dataset(world["dataset"], "test")
