@@ -14,6 +14,7 @@ import contextlib
 import datetime
 import os
 import platform
+import shlex
 import subprocess
 import sys
 import time
@@ -52,7 +53,7 @@ def machine() -> str:
 def run_metadata(module: str, argv: list[str] | None = None) -> dict[str, str]:
     args = sys.argv[1:] if argv is None else argv
     return {
-        "command": " ".join(["python -m", module, *args]),
+        "command": " ".join(["python -m", module, shlex.join(args)]).rstrip(),  # quoted: it can be pasted back
         "commit": git_commit(),
         "machine": machine(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

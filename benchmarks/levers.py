@@ -5,6 +5,8 @@ fashion world's for a sitting of that day).
 
     python -m benchmarks.levers --jobs 2 --variants baseline kd-tail-0.5 replay-balance-4
     python -m benchmarks.levers --world fashion --jobs 2      # -> benchmarks/results/levers_fashion.json
+    python -m benchmarks.levers --base '--sampler-steps 15 --guide-every 1' --reuse \
+        --runs benchmarks/results/records/levers             # the digits rows measured at 15 steps
 
 Replay exposure (lever 1): uniform draws from a growing buffer show the first images far more often than the
 last; ``--replay-balance P`` draws with probability ∝ (1 + times drawn)^-P, ``--kd-tail F`` keeps a share F of
@@ -16,11 +18,14 @@ guidance ramp over the timesteps) and a grid around α, β, η.
 
 from __future__ import annotations
 
+import shlex
+
 from benchmarks.common import run_metadata, write_results
 from benchmarks.engine_runs import add_world_flag, budget_parser, budget_record, run_variants, world_paths
 
 VARIANTS = {
-    "baseline": [],  # the default run: α = 2 since 2026-12-05 (1 from 2026-12-04); fashion α = 0.25 since 2026-12-05
+    "baseline": [],  # the default run: digits α = 2 since 2026-12-05 (1 from 2026-12-04) and 25 sampler steps
+    # guided every 2nd since 2026-12-05 (15, every step before: --base); fashion α = 0.25 since 2026-12-05
     # 1. replay exposure
     "kd-tail-0.25": ["--kd-tail", "0.25"],
     "kd-tail-0.5": ["--kd-tail", "0.5"],
@@ -34,8 +39,8 @@ VARIANTS = {
     "adv-js": ["--divergence", "js"],
     "adv-3": ["--adv", "3"],  # γ ×3: L_adv is the one term that targets the current student, i.e. needs online
     "offline-adv-3": ["--schedule", "offline", "--adv", "3"],
-    # 3. the sampler budget: 25 steps guided every 2nd, 64 UNet forward-equivalents per image against the default's
-    # 60 (15 guided steps x 4; BENCHMARKS.md, the sampler frontier)
+    # 3. the sampler budget: 25 steps guided every 2nd, 64 UNet forward-equivalents per image against 15 guided
+    # steps' 60 (x 4; BENCHMARKS.md, the sampler frontier); the digits default since 2026-12-05
     "steps-25-every-2": ["--sampler-steps", "25", "--guide-every", "2"],
     "steps-25-every-2-tail-0.5": ["--sampler-steps", "25", "--guide-every", "2", "--kd-tail", "0.5"],  # 1 + 3
     "offline-steps-25-every-2": ["--schedule", "offline", "--sampler-steps", "25", "--guide-every", "2"],
@@ -77,9 +82,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = budget_parser(__doc__, images=2000, student_steps=2000, runs=None, out=None)
     add_world_flag(parser)
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--base", type=shlex.split, default=[],
+                        help="engine flags every variant starts from, its own flags winning over them: one quoted "
+                        "string, e.g. --base '--sampler-steps 15 --guide-every 1' (the digits sampler before "
+                        "2026-12-05's switch, under which records/levers was measured)")
     args = parser.parse_args(argv)
     world_paths(args, "levers")
-    results = {"variants": run_variants(args, VARIANTS, args.variants), "budget": budget_record(args)}
+    variants = {name: [*args.base, *flags] for name, flags in VARIANTS.items()}
+    results = {"variants": run_variants(args, variants, args.variants),
+               "budget": budget_record(args) | {"base_flags": args.base}}
     write_results(results | run_metadata("benchmarks.levers", argv), args.out)
     return 0
 

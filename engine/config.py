@@ -31,14 +31,15 @@ MAX_IMAGES = 10_000_000
 # 2026-12-05, was 0.1, then 1.0; fashion 0.25 since 2026-12-05, was 1.0, then 0.5 for a sitting).
 WORLDS: dict[str, dict[str, str | float]] = {
     "digits": {"teacher": "default", "prior": "default", "dataset": "mnist", "student": "convnet2-w16",
-               "real_split": "train", "bn": 2.0},
+               "real_split": "train", "bn": 2.0, "sampler_steps": 25, "guide_every": 2},
     "fashion": {"teacher": "fashion", "prior": "fashion", "dataset": "fashion-mnist", "student": "convnet2-w16",
                 "real_split": "half-a",  # real-data KD draws from the teacher's half, never the prior's
-                "bn": 0.25},
+                "bn": 0.25, "sampler_steps": 15, "guide_every": 1},
 }
 World = Literal["digits", "fashion"]
-# The guided sampler's weights, which --method deepinv never reads (it has its own --deepinv-* weights).
-PRIOR_GUIDANCE_FIELDS = frozenset({"bn", "cls", "step_size", "guidance_ramp"})
+# The guided prior sampler's settings, which --method deepinv (its own --deepinv-* weights and iterations) and
+# --method real-kd (no generator) never read.
+PRIOR_SAMPLER_FIELDS = frozenset({"bn", "cls", "step_size", "guidance_ramp", "sampler_steps", "guide_every"})
 
 
 def opt(default, help: str, flag: str | None = None):
@@ -58,7 +59,7 @@ class RunConfig:
     # --- models and data -----------------------------------------------------------------------------------------
     world: World = opt("digits", "embedded world: digits (MNIST teacher, prior on UCI 8x8 digits) | fashion "
                        "(Fashion-MNIST teacher on half A, prior on half B); sets --teacher --prior --dataset "
-                       "--student, which override it")
+                       "--student --real-split --bn --sampler-steps --guide-every, which override it")
     teacher: str = opt("default", "pretrained name or checkpoint path")
     teacher_arch: str = opt("", "teacher architecture when the checkpoint has no JSON sidecar")
     student: str = opt("convnet2-w16", "student architecture (zoo name, tv:NAME or module:callable)")
@@ -87,11 +88,11 @@ class RunConfig:
     guidance_ramp: float = opt(0.0, "ρ in [0, 1]: η·(1-ρ) at the noisiest step rising linearly to η·(1+ρ) at the "
                                "last (mean η; 0 = constant)")
     guidance_scale: float = opt(2.0, "classifier-free guidance scale of the prior")
-    sampler_steps: int = opt(15, "sampler steps per image")
+    sampler_steps: int = opt(25, "sampler steps per image (digits world 25, fashion 15: BENCHMARKS.md)")
     scheduler: str = opt("ddim", f"diffusers scheduler: {', '.join(SCHEDULERS)} or a class name")
     grad_mode: Literal["full", "detached"] = opt("full", "latent gradient through the UNet (full) or not (detached)")
     reuse_eps: bool = opt(False, "reuse ε̂ from before the latent step for the scheduler step (saves a UNet call)")
-    guide_every: int = opt(1, "guide on every m-th sampler step only")
+    guide_every: int = opt(2, "guide on every m-th sampler step only (digits world 2, fashion 1)")
     max_step_rms: float = opt(0.0, "cap on one sample's latent step (RMS per element; 0 = none)")
     first_bn_multiplier: float = opt(1.0, "extra weight of the first BN layer's term")
     divergence: Literal["kl", "js"] = opt("kl", "divergence of the adversarial term")

@@ -27,9 +27,10 @@ from tests.tiny_priors import save_tiny_pixel_prior
 # The tensors here are tiny: a second thread only adds contention (10-40x slower on a busy 2-core machine).
 torch.set_num_threads(1)
 
-# Flags of a run that finishes in seconds on 2 CPU cores: 4 micro-batches of 4 images, 2 in flight, 4 sampler steps.
+# Flags of a run that finishes in seconds on 2 CPU cores: 4 micro-batches of 4 images, 2 in flight, 4 sampler steps,
+# each guided (the digits default guides every 2nd: test_sampler covers it).
 TINY_RUN = ["--dataset", "digits", "--student", "convnet-w8", "--device", "cpu", "--seed", "0",
-            "--images", "16", "--gen-batch", "4", "--in-flight", "2", "--sampler-steps", "4",
+            "--images", "16", "--gen-batch", "4", "--in-flight", "2", "--sampler-steps", "4", "--guide-every", "1",
             "--student-steps", "8", "--batch-size", "16", "--min-buffer", "4",
             "--log-every", "2", "--eval-every", "4", "--checkpoint-every", "4",
             "--cutmix-every", "2", "--repair-steps", "1", "--repair-band", "1",

@@ -72,26 +72,30 @@ def test_reuse_refuses_a_run_made_with_another_budget_seed_or_objective(tmp_path
             run_engine("m", flags, run_dir, reuse=True)
 
 
-def test_reuse_ignores_the_guided_samplers_weights_only_for_deepinversion_which_never_reads_them(tmp_path):
+def test_reuse_ignores_the_prior_samplers_settings_only_for_methods_that_never_read_them(tmp_path):
     import json
 
     from benchmarks.engine_runs import run_engine
     from engine.config import parse_config
 
-    for method in ("deepinv", "diffdfkd"):
+    for method in ("deepinv", "real-kd", "diffdfkd", "dmkd"):
         run_dir = tmp_path / method
         run_dir.mkdir()
         flags = ["--method", method, "--images", "64"]
-        saved = json.loads(parse_config(["--run-dir", str(run_dir), *flags, "--bn", "0.1"]).resolved().to_json())
+        old_sampler = ["--bn", "0.1", "--sampler-steps", "15", "--guide-every", "1"]
+        saved = json.loads(parse_config(["--run-dir", str(run_dir), *flags, *old_sampler]).resolved().to_json())
         (run_dir / "config.json").write_text(json.dumps(saved))
         (run_dir / "summary.json").write_text(json.dumps({"student_acc": 0.5}))
-        if method == "deepinv":  # the default α is not 0.1: still the same DeepInversion run
+        if method in ("deepinv", "real-kd"):  # today's α and sampler differ: still the same run
             assert run_engine("m", flags, run_dir, reuse=True)["student_acc"] == 0.5
-            with pytest.raises(SystemExit, match="--deepinv-bn"):  # its own weights still count
-                run_engine("m", [*flags, "--deepinv-bn", "3"], run_dir, reuse=True)
-        else:
-            with pytest.raises(SystemExit, match=r"--bn 0.1 \(now 2.0\)"):
+            with pytest.raises(SystemExit, match="--images"):  # the budget still counts
+                run_engine("m", [*flags, "--images", "65"], run_dir, reuse=True)
+        else:  # the prior's samples depend on the sampler (DM-KD's too), and ours on α
+            with pytest.raises(SystemExit, match=r"--sampler-steps 15 \(now 25\)"):
                 run_engine("m", flags, run_dir, reuse=True)
+    with pytest.raises(SystemExit, match="--deepinv-bn"):  # DeepInversion's own weights still count
+        run_engine("m", ["--method", "deepinv", "--images", "64", "--deepinv-bn", "3"], tmp_path / "deepinv",
+                   reuse=True)
 
 
 def test_lever_rows_carry_flags_accuracy_and_the_exposure_of_oldest_and_newest_images(tmp_path):
@@ -113,6 +117,14 @@ def test_lever_rows_carry_flags_accuracy_and_the_exposure_of_oldest_and_newest_i
     assert rows["kd-tail-0.5"]["flags"] == ["--kd-tail", "0.5"] and rows["kd-tail-0.5"]["last"] == [0.8, 0.9]
     assert rows["baseline"]["last_mean_std"]["mean"] == pytest.approx(0.6)
     assert rows["baseline"]["draws_oldest_tenth"] == 300.5 and rows["baseline"]["draws_newest_tenth"] == 10.5
+    # --base: flags every variant starts from, its own winning (the digits rows measured at 15 steps)
+    assert main(["--seeds", "0", "1", "--runs", str(tmp_path / "runs"), "--reuse", "--out", str(out),
+                 "--variants", "kd-tail-0.5", "--base", "--sampler-steps 15 --kd-tail 0.25"]) == 0
+    results = json.loads(out.read_text())
+    assert results["variants"]["kd-tail-0.5"]["flags"] == ["--sampler-steps", "15", "--kd-tail", "0.25", "--kd-tail",
+                                                           "0.5"]
+    assert results["budget"]["base_flags"] == ["--sampler-steps", "15", "--kd-tail", "0.25"]
+    assert "--base '--sampler-steps 15 --kd-tail 0.25'" in results["command"]  # quoted: it can be pasted back
 
 
 def test_every_lever_variant_is_a_valid_engine_command_line():

@@ -112,6 +112,20 @@ def test_alpha_is_per_world_and_an_explicit_bn_wins():
     assert parse_config(["--world", "fashion", "--method", "dmkd"]).resolved().bn == 0  # unguided: α never read
 
 
+def test_sampler_budget_is_per_world_and_explicit_flags_win():
+    """Digits samples 25 steps guided every 2nd, fashion 15 guided every step (BENCHMARKS.md, the 25-step sampler
+    as the digits default); DM-KD and offline read the same sampler flags."""
+    def sampler(*argv):
+        cfg = parse_config(list(argv)).resolved()
+        return cfg.sampler_steps, cfg.guide_every
+
+    assert sampler() == sampler("--world", "digits") == (25, 2)
+    assert sampler("--world", "fashion") == sampler("--world", "fashion", "--method", "dmkd") == (15, 1)
+    assert sampler("--method", "dmkd") == sampler("--schedule", "offline") == (25, 2)
+    assert sampler("--world", "fashion", "--sampler-steps", "25", "--guide-every", "2") == (25, 2)
+    assert sampler("--sampler-steps", "15", "--guide-every", "1") == (15, 1)
+
+
 def test_real_data_kd_in_the_fashion_world_draws_from_the_teachers_half(monkeypatch):
     """The real-data upper bound is KD on the teacher's own data (half A), never on the prior's half B."""
     import engine.world
