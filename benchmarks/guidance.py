@@ -75,8 +75,9 @@ def world_of(args: argparse.Namespace) -> str:
 def mode_config(args: argparse.Namespace, overrides: dict) -> RunConfig:
     world = world_of(args)
     presets = {k: v for k, v in WORLDS[world].items() if k in ("teacher", "prior", "dataset", "student")}
-    return RunConfig(images=args.images, gen_batch=args.batch, seed=args.seed, sampler_steps=args.steps, adv=0.0,
-                     use_adv=False, world=world, **presets | overrides).resolved()
+    # Every step guided, whatever the world's run does (the digits run guides every 2nd): the screens measure guidance.
+    return RunConfig(images=args.images, gen_batch=args.batch, seed=args.seed, sampler_steps=args.steps, guide_every=1,
+                     adv=0.0, use_adv=False, world=world, **presets | overrides).resolved()
 
 
 def check_default_world() -> None:

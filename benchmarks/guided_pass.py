@@ -38,7 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     seconds: dict[str, list[float]] = {"pool": [], "micro-batch": []}
     for _ in range(args.rounds):
         for guided_pass, times in seconds.items():
-            cfg = RunConfig(guided_pass=guided_pass, gen_batch=args.gen_batch, in_flight=args.in_flight, adv=1.0)
+            cfg = RunConfig(guided_pass=guided_pass, gen_batch=args.gen_batch, in_flight=args.in_flight, adv=1.0,
+                            guide_every=1)  # every sample in flight guided at every tick
             config = guidance_config(cfg)
             config.adv, config.steps = cfg.adv, 50  # L_adv on (as after its warm-up); no micro-batch finishes
             pool = DiffusionPool(GuidedSampler(prior, teacher.model, view, info.num_classes, config),

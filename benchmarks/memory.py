@@ -76,7 +76,7 @@ def measure(setting: str, args) -> dict:
     from models.registry import build_classifier
 
     device = resolve_device(args.device)
-    cfg = RunConfig(gen_batch=args.gen_batch, **SETTINGS[setting])
+    cfg = RunConfig(gen_batch=args.gen_batch, guide_every=1, **SETTINGS[setting])  # every timed step guided
     info = dataset_info(cfg.dataset)
     teacher, view = load_teacher(cfg, info, device)
     sampler = guided_sampler(cfg, info, teacher, view, device)

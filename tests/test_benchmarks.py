@@ -194,3 +194,15 @@ def test_bn_sweep_runs_the_fashion_world_and_the_first_bn_multiplier_reaches_the
     assert rows["bn=1,first=10"]["first_bn_multiplier"] == 10 and "real_fashion-mnist" in result
     assert rows["bn=1,first=1"]["bn_distance"] != rows["bn=1,first=10"]["bn_distance"]
     assert (tmp_path / "bn_sweep_fashion.png").exists()
+
+
+def test_guidance_screens_guide_every_step_whatever_the_worlds_run_does():
+    """benchmarks.guidance and bn_sweep measure guidance: each sampler step guided, at the steps they were committed
+    at, though the digits run guides every 2nd of 25 (a screen that inherited it would halve its guidance)."""
+    from benchmarks import bn_sweep, guidance
+
+    for module in (guidance, bn_sweep):
+        args = module.build_parser().parse_args([])
+        cfg = guidance.mode_config(args, guidance.MODES["guided"])
+        assert cfg.guide_every == 1 and cfg.sampler_steps == args.steps and cfg.bn > 0
+    assert bn_sweep.build_parser().parse_args([]).steps == 15
