@@ -21,7 +21,7 @@ from pathlib import Path
 
 from benchmarks.common import RESULTS_DIR, run_metadata
 from engine.checkpoints import atomic_write_json
-from engine.config import PRIOR_SAMPLER_FIELDS, WORLDS, RunConfig, parse_config
+from engine.config import ONLINE_SCHEDULE_FIELDS, PRIOR_SAMPLER_FIELDS, WORLDS, RunConfig, parse_config
 from engine.resume import RESUME_SAFE, flag_name
 
 
@@ -73,8 +73,9 @@ def budget_record(args) -> dict:
 def check_reusable(flags: list[str], run_dir: Path) -> None:
     """Refuse to reuse a finished run that is not the run ``flags`` ask for (another budget, seed or objective):
     its saved config.json is compared with what the flags resolve to now, except the fields that only say how a
-    run reports or where it computes (``engine.resume.RESUME_SAFE``; the budget counts) and, for DeepInversion and
-    real-data KD, the guided prior sampler's settings they never read. A field the run predates must hold its
+    run reports or where it computes (``engine.resume.RESUME_SAFE``; the budget counts), for DeepInversion and
+    real-data KD the guided prior sampler's settings they never read, and for offline runs and real-data KD the
+    online schedule's (``--kd-tail``). A field the run predates must hold its
     default, the behaviour the engine had before it. Runs without config.json are not checked."""
     saved_path = run_dir / "config.json"
     if not saved_path.exists():
@@ -85,6 +86,8 @@ def check_reusable(flags: list[str], run_dir: Path) -> None:
     skip = (RESUME_SAFE - {"student_steps"}) | {"teacher_arch", "teacher_checkpoint"}  # the last two: the world's
     if wanted["method"] in ("deepinv", "real-kd"):  # e.g. a DeepInversion run from before α's default changed
         skip |= PRIOR_SAMPLER_FIELDS
+    if wanted["method"] == "real-kd" or wanted["schedule"] == "offline":  # e.g. an offline run reused in a tail table
+        skip |= ONLINE_SCHEDULE_FIELDS
     changed = [f"{flag_name(k)} {saved[k] if k in saved else defaults[k]} (now {v})" for k, v in wanted.items()
                if k not in skip and v != saved.get(k, defaults[k])]
     if changed:

@@ -40,6 +40,9 @@ World = Literal["digits", "fashion"]
 # The guided prior sampler's settings, which --method deepinv (its own --deepinv-* weights and iterations) and
 # --method real-kd (no generator) never read.
 PRIOR_SAMPLER_FIELDS = frozenset({"bn", "cls", "step_size", "guidance_ramp", "sampler_steps", "guide_every"})
+# Read only while an online run is still making images: offline runs and real-data KD (all images exist before the
+# first student step) never read them.
+ONLINE_SCHEDULE_FIELDS = frozenset({"kd_tail"})
 
 
 def opt(default, help: str, flag: str | None = None):

@@ -98,6 +98,27 @@ def test_reuse_ignores_the_prior_samplers_settings_only_for_methods_that_never_r
                    reuse=True)
 
 
+def test_reuse_ignores_the_replay_tail_only_where_no_image_is_made_during_training(tmp_path):
+    import json
+
+    from benchmarks.engine_runs import run_engine
+    from engine.config import parse_config
+
+    for name, flags in (("offline", ["--schedule", "offline"]), ("real-kd", ["--method", "real-kd"]),
+                        ("online", []), ("deepinv", ["--method", "deepinv"])):
+        run_dir = tmp_path / name
+        run_dir.mkdir()
+        flags = [*flags, "--images", "64"]
+        saved = json.loads(parse_config(["--run-dir", str(run_dir), *flags]).resolved().to_json())
+        (run_dir / "config.json").write_text(json.dumps(saved))
+        (run_dir / "summary.json").write_text(json.dumps({"student_acc": 0.5}))
+        if name in ("offline", "real-kd"):  # every image exists before the first student step: the same run
+            assert run_engine("m", [*flags, "--kd-tail", "0.5"], run_dir, reuse=True)["student_acc"] == 0.5
+        else:  # the tail moves student steps to after synthesis
+            with pytest.raises(SystemExit, match=r"--kd-tail 0.0 \(now 0.5\)"):
+                run_engine("m", [*flags, "--kd-tail", "0.5"], run_dir, reuse=True)
+
+
 def test_lever_rows_carry_flags_accuracy_and_the_exposure_of_oldest_and_newest_images(tmp_path):
     import json
 
