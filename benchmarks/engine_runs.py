@@ -21,7 +21,14 @@ from pathlib import Path
 
 from benchmarks.common import RESULTS_DIR, run_metadata
 from engine.checkpoints import atomic_write_json
-from engine.config import ONLINE_SCHEDULE_FIELDS, PRIOR_SAMPLER_FIELDS, WORLDS, RunConfig, parse_config
+from engine.config import (
+    ONLINE_SCHEDULE_FIELDS,
+    PRIOR_SAMPLER_FIELDS,
+    VALUE_BEFORE_THE_FIELD,
+    WORLDS,
+    RunConfig,
+    parse_config,
+)
 from engine.resume import RESUME_SAFE, flag_name
 
 
@@ -76,13 +83,14 @@ def check_reusable(flags: list[str], run_dir: Path) -> None:
     run reports or where it computes (``engine.resume.RESUME_SAFE``; the budget counts), for DeepInversion and
     real-data KD the guided prior sampler's settings they never read, and for offline runs and real-data KD the
     online schedule's (``--kd-tail``). A field the run predates must hold its
-    default, the behaviour the engine had before it. Runs without config.json are not checked."""
+    default, the behaviour the engine had before it (or, where the default has changed since,
+    ``VALUE_BEFORE_THE_FIELD``). Runs without config.json are not checked."""
     saved_path = run_dir / "config.json"
     if not saved_path.exists():
         return
     saved = json.loads(saved_path.read_text())
     wanted = json.loads(parse_config(["--run-dir", str(run_dir), *flags]).resolved().to_json())
-    defaults = json.loads(RunConfig().to_json())
+    defaults = json.loads(RunConfig().to_json()) | VALUE_BEFORE_THE_FIELD
     skip = (RESUME_SAFE - {"student_steps"}) | {"teacher_arch", "teacher_checkpoint"}  # the last two: the world's
     if wanted["method"] in ("deepinv", "real-kd"):  # e.g. a DeepInversion run from before α's default changed
         skip |= PRIOR_SAMPLER_FIELDS

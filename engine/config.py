@@ -31,10 +31,10 @@ MAX_IMAGES = 10_000_000
 # 2026-12-05, was 0.1, then 1.0; fashion 0.25 since 2026-12-05, was 1.0, then 0.5 for a sitting).
 WORLDS: dict[str, dict[str, str | float]] = {
     "digits": {"teacher": "default", "prior": "default", "dataset": "mnist", "student": "convnet2-w16",
-               "real_split": "train", "bn": 2.0, "sampler_steps": 25, "guide_every": 2},
+               "real_split": "train", "bn": 2.0, "sampler_steps": 25, "guide_every": 2, "kd_tail": 0.5},
     "fashion": {"teacher": "fashion", "prior": "fashion", "dataset": "fashion-mnist", "student": "convnet2-w16",
                 "real_split": "half-a",  # real-data KD draws from the teacher's half, never the prior's
-                "bn": 0.25, "sampler_steps": 15, "guide_every": 1},
+                "bn": 0.25, "sampler_steps": 15, "guide_every": 1, "kd_tail": 0.0},
 }
 World = Literal["digits", "fashion"]
 # The guided prior sampler's settings, which --method deepinv (its own --deepinv-* weights and iterations) and
@@ -43,6 +43,8 @@ PRIOR_SAMPLER_FIELDS = frozenset({"bn", "cls", "step_size", "guidance_ramp", "sa
 # Read only while an online run is still making images: offline runs and real-data KD (all images exist before the
 # first student step) never read them.
 ONLINE_SCHEDULE_FIELDS = frozenset({"kd_tail"})
+# What a run saved before a field existed did, where that is no longer the field's default.
+VALUE_BEFORE_THE_FIELD = {"kd_tail": 0.0}
 
 
 def opt(default, help: str, flag: str | None = None):
@@ -139,8 +141,8 @@ class RunConfig:
     min_buffer: int = opt(200, "images in the replay buffer before student training starts")
     replay_balance: float = opt(0.0, "replay-buffer draws with probability ∝ (1 + times drawn)^-P, evening out "
                                 "exposure (0 = uniform)")
-    kd_tail: float = opt(0.0, "online: fraction of the student steps kept for after the last image is made "
-                         "(0 = spread them all over generation)")
+    kd_tail: float = opt(0.5, "online: fraction of the student steps kept for after the last image is made "
+                         "(0 = spread them all over generation; digits world 0.5, fashion 0)")
     buffer_capacity: int = opt(0, "replay buffer size in images (0 = the image budget)")
     adv_warmup_images: int = opt(300, "images made before the adversarial term turns on (either schedule; "
                                  "offline it then targets the untrained student, as synthesis runs first)")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 
-from engine.config import RunConfig
+from engine.config import VALUE_BEFORE_THE_FIELD, RunConfig
 from engine.errors import UserError
 
 RESUME_SAFE = frozenset({
@@ -29,8 +29,10 @@ def flag_name(field: str) -> str:
 
 def check_same_run(saved: dict, new: dict) -> None:
     """Refuse (one line naming every differing flag) unless ``new`` continues the run that ``saved`` describes.
-    Both are resolved configs as written to config.json; a field only one of them has (an older engine) is skipped."""
+    Both are resolved configs as written to config.json; a field only ``new`` has (an older engine saved the run)
+    is compared with what that engine did (``VALUE_BEFORE_THE_FIELD``) where that is known, else skipped."""
     new = json.loads(json.dumps(new))  # compare as JSON sees them (tuples are lists)
+    saved = {k: v for k, v in VALUE_BEFORE_THE_FIELD.items() if k in new} | saved
     changed = [f"{flag_name(k)} {saved[k]} (now {new[k]})" for k in saved.keys() & new.keys()
                if k not in RESUME_SAFE and saved[k] != new[k]]
     if new.get("student_steps", 0) < saved.get("student_steps", 0):

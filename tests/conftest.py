@@ -28,9 +28,11 @@ from tests.tiny_priors import save_tiny_pixel_prior
 torch.set_num_threads(1)
 
 # Flags of a run that finishes in seconds on 2 CPU cores: 4 micro-batches of 4 images, 2 in flight, 4 sampler steps,
-# each guided (the digits default guides every 2nd: test_sampler covers it).
+# each guided (the digits default guides every 2nd: test_sampler covers it), the student steps spread over generation
+# (the digits default keeps half for after it: test_loop's tail test covers it).
 TINY_RUN = ["--dataset", "digits", "--student", "convnet-w8", "--device", "cpu", "--seed", "0",
             "--images", "16", "--gen-batch", "4", "--in-flight", "2", "--sampler-steps", "4", "--guide-every", "1",
+            "--kd-tail", "0",
             "--student-steps", "8", "--batch-size", "16", "--min-buffer", "4",
             "--log-every", "2", "--eval-every", "4", "--checkpoint-every", "4",
             "--cutmix-every", "2", "--repair-steps", "1", "--repair-band", "1",

@@ -62,12 +62,12 @@ def test_reuse_refuses_a_run_made_with_another_budget_seed_or_objective(tmp_path
     (run_dir / "config.json").write_text(json.dumps(saved | {"log_every": 7, "teacher_arch": "convnet2-w32"}))
     (run_dir / "summary.json").write_text(json.dumps({"student_acc": 0.5}))
     # the same run asked for with defaults spelled out and other reporting: reused, no engine run
-    assert run_engine("m", ["--method", "diffdfkd", "--seed", "1", "--images", "64", "--log-every", "3"], run_dir,
-                      reuse=True)["student_acc"] == 0.5
-    for flags, named in ((["--seed", "0", "--images", "64"], "--seed 1 (now 0)"),
+    assert run_engine("m", ["--method", "diffdfkd", "--seed", "1", "--images", "64", "--log-every", "3",
+                            "--kd-tail", "0"], run_dir, reuse=True)["student_acc"] == 0.5
+    for flags, named in ((["--seed", "0", "--images", "64", "--kd-tail", "0"], "--seed 1 (now 0)"),
                          (["--seed", "1", "--images", "2000"], "--images 64 (now 2000)"),
                          (["--seed", "1", "--images", "64", "--student-steps", "9"], "--student-steps"),
-                         (["--seed", "1", "--images", "64", "--kd-tail", "0.5"], "--kd-tail 0.0 (now 0.5)")):
+                         (["--seed", "1", "--images", "64"], "--kd-tail 0.0 (now 0.5)")):  # the digits default
         with pytest.raises(SystemExit, match=named.replace("(", r"\(").replace(")", r"\)")):
             run_engine("m", flags, run_dir, reuse=True)
 
@@ -109,7 +109,7 @@ def test_reuse_ignores_the_replay_tail_only_where_no_image_is_made_during_traini
         run_dir = tmp_path / name
         run_dir.mkdir()
         flags = [*flags, "--images", "64"]
-        saved = json.loads(parse_config(["--run-dir", str(run_dir), *flags]).resolved().to_json())
+        saved = json.loads(parse_config(["--run-dir", str(run_dir), *flags, "--kd-tail", "0"]).resolved().to_json())
         (run_dir / "config.json").write_text(json.dumps(saved))
         (run_dir / "summary.json").write_text(json.dumps({"student_acc": 0.5}))
         if name in ("offline", "real-kd"):  # every image exists before the first student step: the same run

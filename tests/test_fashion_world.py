@@ -126,6 +126,17 @@ def test_sampler_budget_is_per_world_and_explicit_flags_win():
     assert sampler("--sampler-steps", "15", "--guide-every", "1") == (15, 1)
 
 
+def test_the_replay_tail_is_per_world_and_explicit_flags_win():
+    """Digits keeps half the student steps for after the last image (BENCHMARKS.md, "The replay tail for every
+    method"); fashion spreads them all over generation, where every method's rows with the tail are not measured."""
+    def tail(*argv):
+        return parse_config(list(argv)).resolved().kd_tail
+
+    assert tail() == tail("--world", "digits") == tail("--method", "deepinv") == 0.5
+    assert tail("--world", "fashion") == tail("--world", "fashion", "--method", "dmkd") == 0.0
+    assert tail("--world", "fashion", "--kd-tail", "0.5") == 0.5 and tail("--kd-tail", "0") == 0.0
+
+
 def test_real_data_kd_in_the_fashion_world_draws_from_the_teachers_half(monkeypatch):
     """The real-data upper bound is KD on the teacher's own data (half A), never on the prior's half B."""
     import engine.world
@@ -174,6 +185,16 @@ def test_resume_refuses_another_world_and_accepts_an_older_config_without_one():
         check_same_run(saved, dict(saved, world="digits"))
     older = {k: v for k, v in saved.items() if k != "world"}  # a run dir from before --world existed
     check_same_run(older, dict(saved))
+
+
+def test_resume_holds_a_run_from_before_kd_tail_to_the_tail_it_had():
+    """A run saved before --kd-tail existed trained without a tail; today's digits default keeps half the steps for
+    after synthesis, so resuming it with the defaults would change its schedule halfway."""
+    digits = json.loads(json.dumps(dataclasses.asdict(parse_config([]).resolved())))
+    older = {k: v for k, v in digits.items() if k != "kd_tail"}
+    with pytest.raises(UserError, match=r"--kd-tail 0.0 \(now 0.5\)"):
+        check_same_run(older, digits)
+    check_same_run(older, dict(digits, kd_tail=0.0))
 
 
 @needs_fashion
