@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 
-from engine.config import VALUE_BEFORE_THE_FIELD, RunConfig
+from engine.config import ONLINE_SCHEDULE_FIELDS, VALUE_BEFORE_THE_FIELD, RunConfig
 from engine.errors import UserError
 
 RESUME_SAFE = frozenset({
@@ -30,11 +30,13 @@ def flag_name(field: str) -> str:
 def check_same_run(saved: dict, new: dict) -> None:
     """Refuse (one line naming every differing flag) unless ``new`` continues the run that ``saved`` describes.
     Both are resolved configs as written to config.json; a field only ``new`` has (an older engine saved the run)
-    is compared with what that engine did (``VALUE_BEFORE_THE_FIELD``) where that is known, else skipped."""
+    is compared with what that engine did (``VALUE_BEFORE_THE_FIELD``) where that is known, else skipped; the
+    online schedule's fields are not compared for a run that never reads them (offline, real-data KD)."""
     new = json.loads(json.dumps(new))  # compare as JSON sees them (tuples are lists)
     saved = {k: v for k, v in VALUE_BEFORE_THE_FIELD.items() if k in new} | saved
+    unread = ONLINE_SCHEDULE_FIELDS if new.get("method") == "real-kd" or new.get("schedule") == "offline" else set()
     changed = [f"{flag_name(k)} {saved[k]} (now {new[k]})" for k in saved.keys() & new.keys()
-               if k not in RESUME_SAFE and saved[k] != new[k]]
+               if k not in RESUME_SAFE | unread and saved[k] != new[k]]
     if new.get("student_steps", 0) < saved.get("student_steps", 0):
         changed.append(f"--student-steps {saved['student_steps']} (now {new['student_steps']}; it may only grow)")
     if changed:

@@ -195,6 +195,8 @@ def test_resume_holds_a_run_from_before_kd_tail_to_the_tail_it_had():
     with pytest.raises(UserError, match=r"--kd-tail 0.0 \(now 0.5\)"):
         check_same_run(older, digits)
     check_same_run(older, dict(digits, kd_tail=0.0))
+    offline = json.loads(json.dumps(dataclasses.asdict(parse_config(["--schedule", "offline"]).resolved())))
+    check_same_run({k: v for k, v in offline.items() if k != "kd_tail"}, offline)  # offline never reads the tail
 
 
 @needs_fashion
