@@ -28,6 +28,7 @@ from engine.config import (
     WORLDS,
     RunConfig,
     parse_config,
+    reads_online_schedule,
 )
 from engine.resume import RESUME_SAFE, flag_name
 
@@ -82,9 +83,9 @@ def check_reusable(flags: list[str], run_dir: Path) -> None:
     its saved config.json is compared with what the flags resolve to now, except the fields that only say how a
     run reports or where it computes (``engine.resume.RESUME_SAFE``; the budget counts), for DeepInversion and
     real-data KD the guided prior sampler's settings they never read, and for offline runs and real-data KD the
-    online schedule's (``--kd-tail``). A field the run predates must hold its
-    default, the behaviour the engine had before it (or, where the default has changed since,
-    ``VALUE_BEFORE_THE_FIELD``). Runs without config.json are not checked."""
+    online schedule's (``--kd-tail``). A field the run predates must hold its default, the behaviour the engine had
+    before it (or, where the default has changed since, ``VALUE_BEFORE_THE_FIELD``). Runs without config.json are
+    not checked."""
     saved_path = run_dir / "config.json"
     if not saved_path.exists():
         return
@@ -94,7 +95,7 @@ def check_reusable(flags: list[str], run_dir: Path) -> None:
     skip = (RESUME_SAFE - {"student_steps"}) | {"teacher_arch", "teacher_checkpoint"}  # the last two: the world's
     if wanted["method"] in ("deepinv", "real-kd"):  # e.g. a DeepInversion run from before α's default changed
         skip |= PRIOR_SAMPLER_FIELDS
-    if wanted["method"] == "real-kd" or wanted["schedule"] == "offline":  # e.g. an offline run reused in a tail table
+    if not reads_online_schedule(wanted):  # e.g. an offline run reused in a table made with the tail
         skip |= ONLINE_SCHEDULE_FIELDS
     changed = [f"{flag_name(k)} {saved[k] if k in saved else defaults[k]} (now {v})" for k, v in wanted.items()
                if k not in skip and v != saved.get(k, defaults[k])]

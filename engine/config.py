@@ -28,7 +28,8 @@ MAX_IMAGES = 10_000_000
 # digits must equal the dataclass defaults (today's default run). fashion: teacher on half A of Fashion-MNIST's
 # train set, prior on half B (engine/datasets.py fashion_halves), weights in models/weights/*-fashion. α (bn) is
 # per world: the best measured value differs (3 seeds each, BENCHMARKS.md "α per world"; digits 2.0 since
-# 2026-12-05, was 0.1, then 1.0; fashion 0.25 since 2026-12-05, was 1.0, then 0.5 for a sitting).
+# 2026-12-05, was 0.1, then 1.0; fashion 0.25 since 2026-12-05, was 1.0, then 0.5 for a sitting); so are the sampler
+# and the replay tail (digits --kd-tail 0.5 since 2026-12-06; fashion 0 until its baselines are run with it).
 WORLDS: dict[str, dict[str, str | float]] = {
     "digits": {"teacher": "default", "prior": "default", "dataset": "mnist", "student": "convnet2-w16",
                "real_split": "train", "bn": 2.0, "sampler_steps": 25, "guide_every": 2, "kd_tail": 0.5},
@@ -40,11 +41,16 @@ World = Literal["digits", "fashion"]
 # The guided prior sampler's settings, which --method deepinv (its own --deepinv-* weights and iterations) and
 # --method real-kd (no generator) never read.
 PRIOR_SAMPLER_FIELDS = frozenset({"bn", "cls", "step_size", "guidance_ramp", "sampler_steps", "guide_every"})
-# Read only while an online run is still making images: offline runs and real-data KD (all images exist before the
-# first student step) never read them.
+# Read only while an online run is still making images (see reads_online_schedule).
 ONLINE_SCHEDULE_FIELDS = frozenset({"kd_tail"})
 # What a run saved before a field existed did, where that is no longer the field's default.
 VALUE_BEFORE_THE_FIELD = {"kd_tail": 0.0}
+
+
+def reads_online_schedule(cfg: dict) -> bool:
+    """Whether a run (its resolved config as a dict) reads ``ONLINE_SCHEDULE_FIELDS``: offline runs and real-data
+    KD have every image before their first student step."""
+    return cfg.get("method") != "real-kd" and cfg.get("schedule") != "offline"
 
 
 def opt(default, help: str, flag: str | None = None):

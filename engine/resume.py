@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 
-from engine.config import ONLINE_SCHEDULE_FIELDS, VALUE_BEFORE_THE_FIELD, RunConfig
+from engine.config import ONLINE_SCHEDULE_FIELDS, VALUE_BEFORE_THE_FIELD, RunConfig, reads_online_schedule
 from engine.errors import UserError
 
 RESUME_SAFE = frozenset({
@@ -34,7 +34,7 @@ def check_same_run(saved: dict, new: dict) -> None:
     online schedule's fields are not compared for a run that never reads them (offline, real-data KD)."""
     new = json.loads(json.dumps(new))  # compare as JSON sees them (tuples are lists)
     saved = {k: v for k, v in VALUE_BEFORE_THE_FIELD.items() if k in new} | saved
-    unread = ONLINE_SCHEDULE_FIELDS if new.get("method") == "real-kd" or new.get("schedule") == "offline" else set()
+    unread = set() if reads_online_schedule(new) else ONLINE_SCHEDULE_FIELDS
     changed = [f"{flag_name(k)} {saved[k]} (now {new[k]})" for k in saved.keys() & new.keys()
                if k not in RESUME_SAFE | unread and saved[k] != new[k]]
     if new.get("student_steps", 0) < saved.get("student_steps", 0):

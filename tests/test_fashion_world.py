@@ -127,8 +127,9 @@ def test_sampler_budget_is_per_world_and_explicit_flags_win():
 
 
 def test_the_replay_tail_is_per_world_and_explicit_flags_win():
-    """Digits keeps half the student steps for after the last image (BENCHMARKS.md, "The replay tail for every
-    method"); fashion spreads them all over generation, where every method's rows with the tail are not measured."""
+    """Digits keeps half the student steps for after the last image (BENCHMARKS.md, "Accuracy of every method at
+    the digits defaults, with the replay tail"); fashion spreads them all over generation, where every method's rows
+    with the tail are not measured."""
     def tail(*argv):
         return parse_config(list(argv)).resolved().kd_tail
 
