@@ -25,10 +25,13 @@ from benchmarks.engine_runs import add_world_flag, budget_parser, budget_record,
 
 VARIANTS = {
     "baseline": [],  # the default run: digits α = 2 since 2026-12-05 (1 from 2026-12-04) and 25 sampler steps
-    # guided every 2nd since 2026-12-05 (15, every step before: --base); fashion α = 0.25 since 2026-12-05
+    # guided every 2nd since 2026-12-05 (15, every step before: --base); fashion α = 0.25 since 2026-12-05; the
+    # replay tail 0.5 in both worlds since 2026-12-06 (rows before: --base '--kd-tail 0')
     # 1. replay exposure
+    "no-tail": ["--kd-tail", "0"],
     "kd-tail-0.25": ["--kd-tail", "0.25"],
     "kd-tail-0.5": ["--kd-tail", "0.5"],
+    "kd-tail-0.75": ["--kd-tail", "0.75"],  # the tail's trend: as F → 1 the online loop turns into offline
     "replay-balance-4": ["--replay-balance", "4"],
     "replay-balance-4-tail-0.25": ["--replay-balance", "4", "--kd-tail", "0.25"],
     "min-buffer-600": ["--min-buffer", "600"],
