@@ -15,7 +15,8 @@ kept under ``--runs`` so every number can be traced to its config.json and metri
 Every method row carries its counted work (``benchmarks.compute``: FLOPs per generated image and per student step,
 prior forwards per image, the run's total) and wall time. ``--equal-compute`` methods (default: DM-KD and
 DeepInversion) are also run with the number of images that ours-online's total FLOPs buy them at the same student
-steps: the ``equal_compute`` rows.
+steps: the ``equal_compute`` rows. The counts are cached in runs/compute-cache.json (``benchmarks.compute``), so a
+``--reuse`` rewrite of a table counts nothing twice.
 """
 
 from __future__ import annotations

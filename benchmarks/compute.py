@@ -14,17 +14,26 @@ FlopCounterMode (matmuls and convolutions, forward and backward):
 
 ``run_flops(cost, images, student_steps)`` is the run's total; ``images_at_equal_compute`` solves for the image count
 that gives another method the same total at the same student steps.
+
+Counting synthesizes a micro-batch per method (minutes for a whole table on a busy 2-core CPU), so the benchmarks
+keep the counts in ``runs/compute-cache.json``, keyed by the resolved config and a fingerprint of the counted code
+(engine/, models/ with the embedded weights, losses/, augment/, this file, the torch version): a cached count is
+reused only while none of it has changed. ``--no-cache`` counts afresh.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import json
+from functools import cache
+from pathlib import Path
 
 import torch
 
 from benchmarks.flops import counted
+from engine.checkpoints import atomic_write_json
 from engine.config import parse_config
 from engine.loop import micro_batch, student_step
 from engine.replay_buffer import ReplayBuffer
@@ -41,9 +50,40 @@ METHOD_FLAGS = {
 }
 
 
-def method_cost(flags: list[str]) -> dict:
-    """FLOPs per generated image and per student step for the engine run that ``flags`` describe."""
+CACHE = Path("runs/compute-cache.json")
+ROOT = Path(__file__).resolve().parent.parent
+COUNTED_CODE = ("engine", "models", "losses", "augment", "benchmarks/compute.py", "benchmarks/flops.py")
+
+
+@cache
+def code_fingerprint() -> str:
+    """sha256 over the files whose change can change a count (paths and bytes) and the torch version."""
+    digest = hashlib.sha256(torch.__version__.encode())
+    for part in COUNTED_CODE:
+        top = ROOT / part
+        for path in sorted(top.rglob("*")) if top.is_dir() else [top]:
+            if path.is_file() and "__pycache__" not in path.parts:
+                digest.update(path.relative_to(ROOT).as_posix().encode())
+                digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def method_cost(flags: list[str], cache_path: Path | None = CACHE) -> dict:
+    """FLOPs per generated image and per student step for the engine run that ``flags`` describe; a count already in
+    ``cache_path`` for the same resolved config and counted code is read back (``None``: always count)."""
     cfg = parse_config(["--device", "cpu", *flags]).resolved()
+    key = hashlib.sha256((cfg.to_json() + code_fingerprint()).encode()).hexdigest()
+    cached = json.loads(cache_path.read_text()) if cache_path is not None and cache_path.exists() else {}
+    if key not in cached:
+        cached[key] = count_cost(cfg)
+        if cache_path is not None:
+            cache_path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(cached, cache_path)
+    return cached[key]
+
+
+def count_cost(cfg) -> dict:
+    """Count what :func:`method_cost` returns, for a resolved config."""
     torch.manual_seed(0)
     world = build_world(cfg, torch.device("cpu"))
     teacher, view, generator = world.teacher.model, world.view, world.generator
@@ -99,9 +139,12 @@ def images_at_equal_compute(cost: dict, total_flops: float, student_steps: int) 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--methods", nargs="+", choices=list(METHOD_FLAGS), default=list(METHOD_FLAGS))
+    parser.add_argument("--no-cache", action="store_true", help=f"count afresh, without reading or writing {CACHE}")
     parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="engine flags for every method")
     args = parser.parse_args(argv)
-    print(json.dumps({name: method_cost([*METHOD_FLAGS[name], *args.extra]) for name in args.methods}, indent=2))
+    cache_path = None if args.no_cache else CACHE
+    print(json.dumps({name: method_cost([*METHOD_FLAGS[name], *args.extra], cache_path) for name in args.methods},
+                     indent=2))
     return 0
 
 

@@ -1,0 +1,63 @@
+"""Counted compute (benchmarks.compute): the equal-compute arithmetic by hand, what a count says about each method in
+the tiny world, and the cache that lets a table be rewritten without counting again."""
+
+from __future__ import annotations
+
+import json
+
+from benchmarks import compute
+from benchmarks.compute import METHOD_FLAGS, images_at_equal_compute, method_cost, run_flops
+
+
+def test_equal_compute_solves_for_the_images_that_the_same_total_buys():
+    ours = {"gen_flops_per_image": 40.0, "kd_flops_per_step": 3.0}
+    cheap = {"gen_flops_per_image": 15.0, "kd_flops_per_step": 3.0}
+    total = run_flops(ours, 100, 50)
+    assert total == 100 * 40 + 50 * 3  # 4150
+    assert images_at_equal_compute(cheap, total, 50) == (4150 - 150) // 15 == 266
+    assert run_flops(cheap, 266, 50) <= total < run_flops(cheap, 267, 50)
+    assert images_at_equal_compute(cheap, 10.0, 50) == 1  # never zero images, even when the steps alone cost more
+
+
+def tiny_flags(world, name: str) -> list[str]:
+    run = world.argv("unused")[2:]  # the tiny world's flags, without --run-dir
+    return [*METHOD_FLAGS[name], *run]
+
+
+def test_a_count_tells_the_methods_apart_in_the_tiny_world(world):
+    costs = {name: method_cost(tiny_flags(world, name), None) for name in ("ours-online", "dmkd", "deepinv")}
+    steps = 4  # the tiny world's --sampler-steps, every one guided
+    # DM-KD: one classifier-free-guided UNet call per step, on the conditional and unconditional branch, then the
+    # teacher's logits on the finished image (smaller than one UNet forward in the tiny world).
+    assert 2 * steps < costs["dmkd"]["prior_forwards_per_image"] < 2 * steps + 1
+    # Ours adds, per guided step, the latent gradient through the prior (forward + backward) and ε̂ recomputed.
+    assert costs["ours-online"]["prior_forwards_per_image"] > costs["dmkd"]["prior_forwards_per_image"] + 2 * steps
+    assert "prior_forwards_per_image" not in costs["deepinv"]  # no prior
+    kd = {cost["kd_flops_per_step"] for cost in costs.values()}
+    assert len(kd) == 1 and kd.pop() > 0  # the same student step, whoever made the images
+
+
+def test_counts_are_cached_per_resolved_config_and_counted_code(world, tmp_path, monkeypatch):
+    cache = tmp_path / "cache.json"
+    counted = []
+    monkeypatch.setattr(compute, "count_cost", lambda cfg: counted.append(cfg.method) or {"gen_flops_per_image": 1.0})
+    flags = tiny_flags(world, "dmkd")
+    assert method_cost(flags, cache) == {"gen_flops_per_image": 1.0} and counted == ["dmkd"]
+    assert method_cost(flags, cache) == {"gen_flops_per_image": 1.0} and counted == ["dmkd"]  # read back
+    assert len(json.loads(cache.read_text())) == 1
+    method_cost([*flags, "--sampler-steps", "5"], cache)  # another config: counted
+    method_cost(tiny_flags(world, "deepinv"), cache)
+    assert counted == ["dmkd", "dmkd", "deepinv"]
+    monkeypatch.setattr(compute, "code_fingerprint", lambda: "changed code")
+    method_cost(flags, cache)  # the code changed: counted again
+    assert counted == ["dmkd", "dmkd", "deepinv", "dmkd"] and len(json.loads(cache.read_text())) == 4
+    method_cost(flags, None)  # no cache: always counted, nothing written
+    assert len(counted) == 5 and len(json.loads(cache.read_text())) == 4
+
+
+def test_the_fingerprint_covers_the_counted_code():
+    compute.code_fingerprint.cache_clear()
+    first = compute.code_fingerprint()
+    assert first == compute.code_fingerprint() and len(first) == 64
+    for part in ("engine", "models", "losses", "augment"):
+        assert part in compute.COUNTED_CODE and (compute.ROOT / part).is_dir()
