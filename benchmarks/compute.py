@@ -17,8 +17,8 @@ that gives another method the same total at the same student steps.
 
 Counting synthesizes a micro-batch per method (minutes for a whole table on a busy 2-core CPU), so the benchmarks
 keep the counts in ``runs/compute-cache.json``, keyed by the resolved config and a fingerprint of the counted code
-(engine/, models/ with the embedded weights, losses/, augment/, this file, the torch version): a cached count is
-reused only while none of it has changed. ``--no-cache`` counts afresh.
+(engine/ but its config, models/ with the embedded weights, losses/, augment/, this file, the torch version): a
+cached count is reused only while none of it has changed. ``--no-cache`` counts afresh.
 """
 
 from __future__ import annotations
@@ -53,6 +53,9 @@ METHOD_FLAGS = {
 CACHE = Path("runs/compute-cache.json")
 ROOT = Path(__file__).resolve().parent.parent
 COUNTED_CODE = ("engine", "models", "losses", "augment", "benchmarks/compute.py", "benchmarks/flops.py")
+# Whatever engine/config.py decides (a world's defaults, resolution) is in the resolved config the key is made from:
+# a new default changes the key only where it changes the run.
+NOT_COUNTED = {Path("engine/config.py")}
 
 
 @cache
@@ -62,7 +65,7 @@ def code_fingerprint() -> str:
     for part in COUNTED_CODE:
         top = ROOT / part
         for path in sorted(top.rglob("*")) if top.is_dir() else [top]:
-            if path.is_file() and "__pycache__" not in path.parts:
+            if path.is_file() and "__pycache__" not in path.parts and path.relative_to(ROOT) not in NOT_COUNTED:
                 digest.update(path.relative_to(ROOT).as_posix().encode())
                 digest.update(path.read_bytes())
     return digest.hexdigest()
