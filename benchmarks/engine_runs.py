@@ -150,12 +150,15 @@ def seed_rows(runs: list[dict], seeds: list[int]) -> dict:
     return row
 
 
-def run_variants(args, variants: dict[str, list[str]], names: list[str]) -> dict:
+def run_variants(args, variants: dict[str, list[str]], names: list[str], images: dict[str, int] | None = None
+                 ) -> dict:
     """Each named variant (engine flags) over ``args.seeds`` at the shared budget, ``args.jobs`` runs at a time;
     per variant its seed rows, flags and, where the runs report it, the replay exposure (mean draws of the oldest
-    and newest tenth of the images, averaged over seeds). Prints one line per variant."""
+    and newest tenth of the images, averaged over seeds). ``images``: a variant's own image count instead of the
+    budget's (equal compute). Prints one line per variant."""
     budget = budget_flags(args)
-    jobs = [(name, [*variants[name], "--seed", str(s), *budget], args.runs / f"{name}-s{s}")
+    own = {name: ["--images", str(images[name])] if images else [] for name in names}
+    jobs = [(name, [*variants[name], "--seed", str(s), *budget, *own[name]], args.runs / f"{name}-s{s}")
             for name in names for s in args.seeds]
     summaries = iter(run_engines(jobs, args.reuse, args.jobs))
     rows = {}

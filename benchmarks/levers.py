@@ -7,6 +7,7 @@ fashion world's for a sitting of that day).
     python -m benchmarks.levers --world fashion --jobs 2      # -> benchmarks/results/levers_fashion.json
     python -m benchmarks.levers --base '--sampler-steps 15 --guide-every 1' --reuse \
         --runs benchmarks/results/records/levers             # the digits rows measured at 15 steps
+    python -m benchmarks.levers --equal-compute --variants guide-every-3 --runs runs/levers-eqc  # equal compute
 
 Replay exposure (lever 1): uniform draws from a growing buffer show the first images far more often than the
 last; ``--replay-balance P`` draws with probability ∝ (1 + times drawn)^-P, ``--kd-tail F`` keeps a share F of
@@ -14,6 +15,9 @@ the student steps for after the last image, ``--min-buffer`` waits for a deeper 
 reports the mean draws of the oldest and the newest tenth of the images beside its accuracy. The other levers:
 L_adv (off, offline with and without it, JS instead of KL), the sampler budget (25 steps guided every 2nd, a
 guidance ramp over the timesteps) and a grid around α, β, η.
+
+``--equal-compute`` runs each variant with the images that the baseline's counted FLOPs (``benchmarks.compute``) buy
+it at the same student steps, instead of ``--images``; each row records its image count and counted compute.
 """
 
 from __future__ import annotations
@@ -21,7 +25,15 @@ from __future__ import annotations
 import shlex
 
 from benchmarks.common import run_metadata, write_results
-from benchmarks.engine_runs import add_world_flag, budget_parser, budget_record, run_variants, world_paths
+from benchmarks.compute import images_at_equal_compute, method_cost, run_flops
+from benchmarks.engine_runs import (
+    add_world_flag,
+    budget_flags,
+    budget_parser,
+    budget_record,
+    run_variants,
+    world_paths,
+)
 
 VARIANTS = {
     "baseline": [],  # the default run: digits α = 2 since 2026-12-05 (1 from 2026-12-04) and 25 sampler steps
@@ -48,8 +60,8 @@ VARIANTS = {
     "steps-25-every-2-tail-0.5": ["--sampler-steps", "25", "--guide-every", "2", "--kd-tail", "0.5"],  # 1 + 3
     "offline-steps-25-every-2": ["--schedule", "offline", "--sampler-steps", "25", "--guide-every", "2"],
     "guidance-ramp-0.5": ["--guidance-ramp", "0.5"],  # η from 0.5η at the noisiest step to 1.5η at the last
-    # a cheaper guided step at the 25-step sampler: the teacher steers 9 (every 3rd) or 7 (every 4th) of 25 steps; at
-    # equal compute give the images benchmarks.compute's count buys (digits default: --images 2391 / 2651)
+    # a cheaper guided step at the 25-step sampler: the teacher steers 9 (every 3rd) or 7 (every 4th) of 25 steps;
+    # run them with --equal-compute (digits default: 2,391 / 2,651 images)
     "guide-every-3": ["--guide-every", "3"],
     "guide-every-4": ["--guide-every", "4"],
     # the best guided cell of the fashion fidelity grid (300 images, 3 seeds: 74.0% against 63.7 at 15 steps, CFG 4);
@@ -93,11 +105,23 @@ def main(argv: list[str] | None = None) -> int:
                         help="engine flags every variant starts from, its own flags winning over them: one quoted "
                         "string, e.g. --base '--sampler-steps 15 --guide-every 1' (the digits sampler before "
                         "2026-12-05's switch, under which records/levers was measured)")
+    parser.add_argument("--equal-compute", action="store_true",
+                        help="each variant with the images the baseline's counted FLOPs buy it (same student steps)")
     args = parser.parse_args(argv)
     world_paths(args, "levers")
     variants = {name: [*args.base, *flags] for name, flags in VARIANTS.items()}
-    results = {"variants": run_variants(args, variants, args.variants),
-               "budget": budget_record(args) | {"base_flags": args.base}}
+    images = costs = None
+    if args.equal_compute:
+        budget = budget_flags(args)
+        costs = {name: method_cost([*variants[name], *budget]) for name in {"baseline", *args.variants}}
+        total = run_flops(costs["baseline"], args.images, args.student_steps)
+        images = {name: images_at_equal_compute(costs[name], total, args.student_steps) for name in args.variants}
+    rows = run_variants(args, variants, args.variants, images)
+    for name in rows if costs else ():
+        rows[name] |= {"images": images[name], "compute": costs[name] | {
+            "total_flops": run_flops(costs[name], images[name], args.student_steps)}}
+    results = {"variants": rows,
+               "budget": budget_record(args) | {"base_flags": args.base, "equal_compute": args.equal_compute}}
     write_results(results | run_metadata("benchmarks.levers", argv), args.out)
     return 0
 

@@ -148,6 +148,31 @@ def test_lever_rows_carry_flags_accuracy_and_the_exposure_of_oldest_and_newest_i
     assert "--base '--sampler-steps 15 --kd-tail 0.25'" in results["command"]  # quoted: it can be pasted back
 
 
+def test_levers_at_equal_compute_give_each_variant_the_images_the_baselines_flops_buy(tmp_path, monkeypatch):
+    import json
+
+    import benchmarks.engine_runs
+    import benchmarks.levers
+
+    gen = {"baseline": 40.0, "guide-every-4": 30.0}  # counted FLOPs per image; 3 per student step for both
+    monkeypatch.setattr(benchmarks.levers, "method_cost", lambda flags: {
+        "gen_flops_per_image": gen["guide-every-4" if "--guide-every" in flags else "baseline"],
+        "kd_flops_per_step": 3.0})
+    started = []
+    monkeypatch.setattr(benchmarks.engine_runs, "run_engines", lambda jobs, reuse, n: started.extend(jobs) or [
+        {"student_acc": 0.9, "best_student_acc": 0.9} for _ in jobs])
+    out = tmp_path / "levers.json"
+    assert benchmarks.levers.main(["--seeds", "0", "--images", "100", "--student-steps", "50", "--equal-compute",
+                                   "--runs", str(tmp_path), "--out", str(out), "--variants", "baseline",
+                                   "guide-every-4"]) == 0
+    # 100 images · 40 + 50 steps · 3 = 4150 FLOPs; every 4th step: (4150 − 150) // 30 = 133 images
+    flags = {name: run_flags for name, run_flags, _ in started}
+    assert flags["guide-every-4"][-2:] == ["--images", "133"] and flags["baseline"][-2:] == ["--images", "100"]
+    rows = json.loads(out.read_text())["variants"]
+    assert rows["guide-every-4"]["images"] == 133 and rows["baseline"]["images"] == 100
+    assert rows["guide-every-4"]["compute"]["total_flops"] == 133 * 30 + 150 <= 4150
+
+
 def test_every_lever_variant_is_a_valid_engine_command_line():
     from benchmarks.levers import VARIANTS
     from engine.config import parse_config
