@@ -27,7 +27,7 @@ import sys
 from pathlib import Path
 
 from benchmarks.common import run_metadata, write_results
-from benchmarks.compute import METHOD_FLAGS, images_at_equal_compute, method_cost, run_flops
+from benchmarks.compute import METHOD_FLAGS, cost_row, images_at_equal_compute, method_cost, run_flops
 from benchmarks.engine_runs import (
     add_world_flag,
     budget_flags,
@@ -96,14 +96,13 @@ def main(argv: list[str] | None = None) -> int:
     for name, runs in rows.items():
         results["methods"][name] = seed_rows(runs, args.seeds)
     for name in engine_methods:
-        results["methods"][name]["compute"] = costs[name] | {
-            "total_flops": run_flops(costs[name], args.images, args.student_steps)}
+        results["methods"][name]["compute"] = cost_row(costs[name], args.images, args.student_steps)
 
     results["equal_compute"] = {}
     for name, images in equal.items():
         row = seed_rows([next(summaries) for _ in args.seeds], args.seeds)
-        results["equal_compute"][name] = row | {"images": images, "compute": costs[name] | {
-            "total_flops": run_flops(costs[name], images, args.student_steps)}}
+        results["equal_compute"][name] = row | {"images": images,
+                                                "compute": cost_row(costs[name], images, args.student_steps)}
     results["budget"] = budget_record(args)
     write_results(results | run_metadata("benchmarks.accuracy", argv), args.out)
     for group in ("methods", "equal_compute"):

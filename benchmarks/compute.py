@@ -134,6 +134,11 @@ def run_flops(cost: dict, images: int, student_steps: int) -> float:
     return images * cost["gen_flops_per_image"] + student_steps * cost["kd_flops_per_step"]
 
 
+def cost_row(cost: dict, images: int, student_steps: int) -> dict:
+    """A table row's counted work: the per-image and per-step counts with the run's total."""
+    return cost | {"total_flops": run_flops(cost, images, student_steps)}
+
+
 def images_at_equal_compute(cost: dict, total_flops: float, student_steps: int) -> int:
     """Images whose synthesis, with ``student_steps`` KD steps, costs ``total_flops``."""
     return max(1, int((total_flops - student_steps * cost["kd_flops_per_step"]) // cost["gen_flops_per_image"]))

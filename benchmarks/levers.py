@@ -25,7 +25,7 @@ from __future__ import annotations
 import shlex
 
 from benchmarks.common import run_metadata, write_results
-from benchmarks.compute import images_at_equal_compute, method_cost, run_flops
+from benchmarks.compute import cost_row, images_at_equal_compute, method_cost, run_flops
 from benchmarks.engine_runs import (
     add_world_flag,
     budget_flags,
@@ -110,16 +110,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     world_paths(args, "levers")
     variants = {name: [*args.base, *flags] for name, flags in VARIANTS.items()}
-    images = costs = None
+    images = None
     if args.equal_compute:
         budget = budget_flags(args)
         costs = {name: method_cost([*variants[name], *budget]) for name in {"baseline", *args.variants}}
         total = run_flops(costs["baseline"], args.images, args.student_steps)
         images = {name: images_at_equal_compute(costs[name], total, args.student_steps) for name in args.variants}
     rows = run_variants(args, variants, args.variants, images)
-    for name in rows if costs else ():
-        rows[name] |= {"images": images[name], "compute": costs[name] | {
-            "total_flops": run_flops(costs[name], images[name], args.student_steps)}}
+    if images:
+        for name in rows:
+            rows[name] |= {"images": images[name], "compute": cost_row(costs[name], images[name], args.student_steps)}
     results = {"variants": rows,
                "budget": budget_record(args) | {"base_flags": args.base, "equal_compute": args.equal_compute}}
     write_results(results | run_metadata("benchmarks.levers", argv), args.out)
