@@ -29,14 +29,14 @@ MAX_IMAGES = 10_000_000
 # train set, prior on half B (engine/datasets.py fashion_halves), weights in models/weights/*-fashion. α (bn) is
 # per world: the best measured value differs (3 seeds each, BENCHMARKS.md "α per world"; digits 2.0 since
 # 2026-12-05, was 0.1, then 1.0; fashion 0.25 since 2026-12-05, was 1.0, then 0.5 for a sitting); so is the sampler.
-# The replay tail is not: --kd-tail 0.5 in both (digits since 2026-12-06, fashion since its table was re-measured
-# with it the same day; each had 0 before).
+# So is the replay tail (BENCHMARKS.md "The fashion world's replay tail changed"): digits --kd-tail 0.5 since
+# 2026-12-06 (0 before); fashion 0.75 since later that day (0 before, then 0.5 for a few hours).
 WORLDS: dict[str, dict[str, str | float]] = {
     "digits": {"teacher": "default", "prior": "default", "dataset": "mnist", "student": "convnet2-w16",
-               "real_split": "train", "bn": 2.0, "sampler_steps": 25, "guide_every": 2},
+               "real_split": "train", "bn": 2.0, "sampler_steps": 25, "guide_every": 2, "kd_tail": 0.5},
     "fashion": {"teacher": "fashion", "prior": "fashion", "dataset": "fashion-mnist", "student": "convnet2-w16",
                 "real_split": "half-a",  # real-data KD draws from the teacher's half, never the prior's
-                "bn": 0.25, "sampler_steps": 15, "guide_every": 1},
+                "bn": 0.25, "sampler_steps": 15, "guide_every": 1, "kd_tail": 0.75},
 }
 World = Literal["digits", "fashion"]
 # The guided prior sampler's settings, which --method deepinv (its own --deepinv-* weights and iterations) and
@@ -149,7 +149,7 @@ class RunConfig:
     replay_balance: float = opt(0.0, "replay-buffer draws with probability ∝ (1 + times drawn)^-P, evening out "
                                 "exposure (0 = uniform)")
     kd_tail: float = opt(0.5, "online: fraction of the student steps kept for after the last image is made "
-                         "(0 = spread them all over generation)")
+                         "(0 = spread them all over generation; digits world 0.5, fashion 0.75)")
     buffer_capacity: int = opt(0, "replay buffer size in images (0 = the image budget)")
     adv_warmup_images: int = opt(300, "images made before the adversarial term turns on (either schedule; "
                                  "offline it then targets the untrained student, as synthesis runs first)")
