@@ -17,8 +17,9 @@ that gives another method the same total at the same student steps.
 
 Counting synthesizes a micro-batch per method (minutes for a whole table on a busy 2-core CPU), so the benchmarks
 keep the counts in ``runs/compute-cache.json``, keyed by the resolved config and a fingerprint of the counted code
-(engine/ but its config, models/ with the embedded weights, losses/, augment/, this file, the torch version): a
-cached count is reused only while none of it has changed. ``--no-cache`` counts afresh.
+(engine/ but its config, models/ with the embedded weights, losses/, augment/, this file, the torch version) and of
+the bytes of a user's own local --teacher / --prior / --guidance-decoder-path: a cached count is reused only while
+none of it has changed. ``--no-cache`` counts afresh.
 """
 
 from __future__ import annotations
@@ -71,11 +72,33 @@ def code_fingerprint() -> str:
     return digest.hexdigest()
 
 
+# Config fields that may name a user's local model file or folder; a new model saved at the same path is another model.
+MODEL_PATH_FIELDS = ("teacher", "prior", "guidance_decoder_path")
+
+
+def model_files_fingerprint(cfg) -> str:
+    """sha256 over the bytes of every local file the model fields of ``cfg`` name (a checkpoint with its JSON sidecar,
+    or a diffusers folder); names of embedded models and hub ids add nothing (embedded weights are counted code)."""
+    digest = hashlib.sha256()
+    for name in MODEL_PATH_FIELDS:
+        value = getattr(cfg, name)
+        top = Path(value) if value else None
+        if top is None or not top.exists():
+            continue
+        files = sorted(top.rglob("*")) if top.is_dir() else [top, top.with_suffix(".json")]
+        for path in files:
+            if path.is_file():
+                digest.update(f"{name}:{path.relative_to(top) if top.is_dir() else path.name}".encode())
+                digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
 def method_cost(flags: list[str], cache_path: Path | None = CACHE) -> dict:
     """FLOPs per generated image and per student step for the engine run that ``flags`` describe; a count already in
-    ``cache_path`` for the same resolved config and counted code is read back (``None``: always count)."""
+    ``cache_path`` for the same resolved config, counted code and model files is read back (``None``: always count)."""
     cfg = parse_config(["--device", "cpu", *flags]).resolved()
-    key = hashlib.sha256((cfg.to_json() + code_fingerprint()).encode()).hexdigest()
+    fingerprint = cfg.to_json() + code_fingerprint() + model_files_fingerprint(cfg)
+    key = hashlib.sha256(fingerprint.encode()).hexdigest()
     cached = json.loads(cache_path.read_text()) if cache_path is not None and cache_path.exists() else {}
     if key not in cached:
         cached[key] = count_cost(cfg)

@@ -61,3 +61,31 @@ def test_the_fingerprint_covers_the_counted_code():
     assert first == compute.code_fingerprint() and len(first) == 64
     for part in ("engine", "models", "losses", "augment"):
         assert part in compute.COUNTED_CODE and (compute.ROOT / part).is_dir()
+
+
+def test_a_new_model_saved_at_the_same_path_is_counted_again(world, tmp_path, monkeypatch):
+    """The key holds the bytes of a user's own --teacher (checkpoint and sidecar) and --prior (folder), not their
+    paths: retraining a model in place must not read back the old model's count."""
+    import shutil
+
+    teacher = tmp_path / "teacher.safetensors"
+    shutil.copy(world.teacher, teacher)
+    shutil.copy(world.teacher.with_suffix(".json"), teacher.with_suffix(".json"))
+    prior = tmp_path / "prior"
+    shutil.copytree(world.prior, prior)
+    cache = tmp_path / "cache.json"
+    counted = []
+    monkeypatch.setattr(compute, "count_cost", lambda cfg: counted.append(1) or {"gen_flops_per_image": 1.0})
+    flags = [*tiny_flags(world, "ours-online"), "--teacher", str(teacher), "--prior", str(prior)]
+    method_cost(flags, cache)
+    method_cost(flags, cache)
+    assert len(counted) == 1  # same bytes: read back
+    teacher.write_bytes(teacher.read_bytes() + b" ")  # the weights changed in place
+    method_cost(flags, cache)
+    sidecar = json.loads(teacher.with_suffix(".json").read_text())
+    teacher.with_suffix(".json").write_text(json.dumps({**sidecar, "image_size": 32}))  # the architecture's input
+    method_cost(flags, cache)
+    unet_config = next(prior.rglob("config.json"))
+    unet_config.write_text(unet_config.read_text() + "\n")  # the prior folder changed
+    method_cost(flags, cache)
+    assert len(counted) == 4 and len(json.loads(cache.read_text())) == 4
