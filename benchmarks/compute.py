@@ -59,16 +59,26 @@ COUNTED_CODE = ("engine", "models", "losses", "augment", "benchmarks/compute.py"
 NOT_COUNTED = {Path("engine/config.py")}
 
 
+def digest_files(digest, paths, root: Path) -> None:
+    """Feed ``digest`` each existing file of ``paths``: its path relative to ``root``, then its bytes."""
+    for path in paths:
+        if path.is_file():
+            digest.update(path.relative_to(root).as_posix().encode())
+            digest.update(path.read_bytes())
+
+
+def files_under(top: Path) -> list[Path]:
+    """A folder's files and folders, sorted (a stable order for a digest); a file alone."""
+    return sorted(top.rglob("*")) if top.is_dir() else [top]
+
+
 @cache
 def code_fingerprint() -> str:
     """sha256 over the files whose change can change a count (paths and bytes) and the torch version."""
     digest = hashlib.sha256(torch.__version__.encode())
     for part in COUNTED_CODE:
-        top = ROOT / part
-        for path in sorted(top.rglob("*")) if top.is_dir() else [top]:
-            if path.is_file() and "__pycache__" not in path.parts and path.relative_to(ROOT) not in NOT_COUNTED:
-                digest.update(path.relative_to(ROOT).as_posix().encode())
-                digest.update(path.read_bytes())
+        digest_files(digest, [path for path in files_under(ROOT / part) if "__pycache__" not in path.parts
+                              and path.relative_to(ROOT) not in NOT_COUNTED], ROOT)
     return digest.hexdigest()
 
 
@@ -82,14 +92,14 @@ def model_files_fingerprint(cfg) -> str:
     digest = hashlib.sha256()
     for name in MODEL_PATH_FIELDS:
         value = getattr(cfg, name)
-        top = Path(value) if value else None
-        if top is None or not top.exists():
+        if not value or not Path(value).exists():
             continue
-        files = sorted(top.rglob("*")) if top.is_dir() else [top, top.with_suffix(".json")]
-        for path in files:
-            if path.is_file():
-                digest.update(f"{name}:{path.relative_to(top) if top.is_dir() else path.name}".encode())
-                digest.update(path.read_bytes())
+        top = Path(value)
+        digest.update(name.encode())
+        if top.is_dir():
+            digest_files(digest, files_under(top), top)
+        else:
+            digest_files(digest, [top, top.with_suffix(".json")], top.parent)
     return digest.hexdigest()
 
 

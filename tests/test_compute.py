@@ -4,6 +4,7 @@ the tiny world, and the cache that lets a table be rewritten without counting ag
 from __future__ import annotations
 
 import json
+import shutil
 
 from benchmarks import compute
 from benchmarks.compute import METHOD_FLAGS, images_at_equal_compute, method_cost, run_flops
@@ -66,8 +67,6 @@ def test_the_fingerprint_covers_the_counted_code():
 def test_a_new_model_saved_at_the_same_path_is_counted_again(world, tmp_path, monkeypatch):
     """The key holds the bytes of a user's own --teacher (checkpoint and sidecar) and --prior (folder), not their
     paths: retraining a model in place must not read back the old model's count."""
-    import shutil
-
     teacher = tmp_path / "teacher.safetensors"
     shutil.copy(world.teacher, teacher)
     shutil.copy(world.teacher.with_suffix(".json"), teacher.with_suffix(".json"))
