@@ -59,12 +59,25 @@ COUNTED_CODE = ("engine", "models", "losses", "augment", "benchmarks/compute.py"
 NOT_COUNTED = {Path("engine/config.py")}
 
 
+def file_sha256(path: Path) -> bytes:
+    """sha256 of a file's bytes, streamed (a Stable Diffusion folder holds GBs) and computed once per process while
+    the file keeps its size and modification time (a table asks for the same models' fingerprint once per method)."""
+    stat = path.stat()
+    return _file_sha256(path.resolve(), stat.st_size, stat.st_mtime_ns)
+
+
+@cache
+def _file_sha256(path: Path, size: int, mtime_ns: int) -> bytes:
+    with path.open("rb") as file:
+        return hashlib.file_digest(file, "sha256").digest()
+
+
 def digest_files(digest, paths, root: Path) -> None:
-    """Feed ``digest`` each existing file of ``paths``: its path relative to ``root``, then its bytes."""
+    """Feed ``digest`` each existing file of ``paths``: its path relative to ``root``, then its bytes' sha256."""
     for path in paths:
         if path.is_file():
             digest.update(path.relative_to(root).as_posix().encode())
-            digest.update(path.read_bytes())
+            digest.update(file_sha256(path))
 
 
 def files_under(top: Path) -> list[Path]:

@@ -3,7 +3,9 @@ the tiny world, and the cache that lets a table be rewritten without counting ag
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import shutil
 
 from benchmarks import compute
@@ -88,3 +90,17 @@ def test_a_new_model_saved_at_the_same_path_is_counted_again(world, tmp_path, mo
     unet_config.write_text(unet_config.read_text() + "\n")  # the prior folder changed
     method_cost(flags, cache)
     assert len(counted) == 4 and len(json.loads(cache.read_text())) == 4
+
+
+def test_a_model_file_is_hashed_once_per_process_until_it_changes(tmp_path):
+    """A table asks for the same models' fingerprint once per method (GBs at Stable Diffusion scale): the digest is
+    read back while the file keeps its size and modification time, and recomputed when either moves."""
+    weights = tmp_path / "unet.safetensors"
+    weights.write_bytes(b"a" * 64)
+    first = compute.file_sha256(weights)
+    hits = compute._file_sha256.cache_info().hits
+    assert compute.file_sha256(weights) == first and compute._file_sha256.cache_info().hits == hits + 1
+    weights.write_bytes(b"b" * 64)  # same size, new bytes
+    stat = weights.stat()
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))  # a later save, even on a coarse clock
+    assert compute.file_sha256(weights) == hashlib.sha256(b"b" * 64).digest() != first
