@@ -3,7 +3,7 @@
 The handler only records the signal; the loop looks at the record once per tick (a host-side read, no sync), writes a
 checkpoint and raises :class:`Stopped`; ``engine.run`` exits with 128 + the signal number (130 for SIGINT, 143 for
 SIGTERM), as a shell reports a process killed by that signal. A second signal stops at once (the last checkpoint
-written stays).
+written stays). A signal the run was started with ignored (a script's background job: SIGINT) stays ignored.
 """
 
 from __future__ import annotations
@@ -48,7 +48,11 @@ def stop_on_signals() -> Iterator[StopRequest]:
         log.warning("%s: stopping after this tick with a checkpoint (send it again to stop at once)",
                     signal.Signals(signum).name)
 
-    previous = {s: signal.signal(s, handle) for s in SIGNALS}
+    # A signal ignored on entry stays ignored: a shell starts a script's background jobs (`cmd &`) with SIGINT
+    # ignored, so that a Ctrl-C meant for the foreground does not stop them.
+    previous = {s: signal.getsignal(s) for s in SIGNALS if signal.getsignal(s) is not signal.SIG_IGN}
+    for s in previous:
+        signal.signal(s, handle)
     try:
         yield request
     finally:

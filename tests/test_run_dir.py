@@ -19,6 +19,7 @@ from torch import nn
 import engine.checkpoints
 import engine.loop
 import engine.outputs
+import engine.stopping
 from engine.checkpoints import DiskFull, atomic_save_safetensors, atomic_write_json
 from engine.outputs import RunOutputs
 from engine.run import main
@@ -251,7 +252,28 @@ def test_resume_refuses_a_different_run(world, finished, capsys):
     assert json.loads((finished / "summary.json").read_text())["student_steps"] == 12
 
 
-def test_sigint_writes_a_checkpoint_then_resume_continues(world, tmp_path, monkeypatch, capsys):
+@pytest.fixture
+def ctrl_c():
+    """SIGINT as an interactive shell delivers it (Python's KeyboardInterrupt handler), whatever this test process
+    inherited: a script's background job (`pytest &`) starts with SIGINT ignored, which the engine respects."""
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, inherited)
+
+
+def test_an_ignored_sigint_stays_ignored():
+    inherited = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with engine.stopping.stop_on_signals() as request:
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+            assert signal.getsignal(signal.SIGTERM) is not signal.SIG_IGN  # the other one is still watched
+            os.kill(os.getpid(), signal.SIGINT)
+        assert request.signum == 0 and signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, inherited)
+
+
+def test_sigint_writes_a_checkpoint_then_resume_continues(world, tmp_path, monkeypatch, capsys, ctrl_c):
     run_dir = tmp_path / "run"
     real, calls = engine.loop.student_step, []
 
@@ -272,7 +294,7 @@ def test_sigint_writes_a_checkpoint_then_resume_continues(world, tmp_path, monke
     assert steps(run_dir) == [2, 4, 6, 8]
 
 
-def test_a_second_sigint_stops_at_once_without_a_traceback(world, tmp_path, monkeypatch, capsys):
+def test_a_second_sigint_stops_at_once_without_a_traceback(world, tmp_path, monkeypatch, capsys, ctrl_c):
     run_dir = tmp_path / "run"
     real, calls = engine.loop.student_step, []
 
