@@ -72,9 +72,10 @@ VARIANTS = {
     # MNIST 18) at 98-99% teacher agreement; α = 3 broke the strokes (52%)
     "bn-0.3": ["--bn", "0.3"], "bn-0.5": ["--bn", "0.5"], "bn-2": ["--bn", "2"],
     "cls-5": ["--cls", "5"], "cls-20": ["--cls", "20"],
-    # the fashion screen of 2026-12-06 ranked β = 5 > 10 > 20 on seed 0: below 5, and β = 5 in the other schedule
-    # (β weighs the offline schedule's guidance alike, so a lower β must beat offline at the same β)
+    # the fashion screens of 2026-12-06 ranked β = 5 > 10 > 20 and η = 0.05 > 0.1 > 0.2 on seed 0: further down, and
+    # each in the other schedule (β and η steer offline's guidance alike, so a gentler step must beat offline at it)
     "cls-2.5": ["--cls", "2.5"], "offline-cls-5": ["--schedule", "offline", "--cls", "5"],
+    "eta-0.025": ["--step-size", "0.025"], "offline-eta-0.05": ["--schedule", "offline", "--step-size", "0.05"],
     "bn-3": ["--bn", "3"],
     "eta-0.05": ["--step-size", "0.05"], "eta-0.2": ["--step-size", "0.2"],
     # the rows measured at α = 0.1, the default until 2026-12-04 (their run records keep these names)
