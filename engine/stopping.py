@@ -50,7 +50,7 @@ def stop_on_signals() -> Iterator[StopRequest]:
 
     # A signal ignored on entry stays ignored: a shell starts a script's background jobs (`cmd &`) with SIGINT
     # ignored, so that a Ctrl-C meant for the foreground does not stop them.
-    previous = {s: signal.getsignal(s) for s in SIGNALS if signal.getsignal(s) is not signal.SIG_IGN}
+    previous = {s: handler for s in SIGNALS if (handler := signal.getsignal(s)) is not signal.SIG_IGN}
     for s in previous:
         signal.signal(s, handle)
     try:
