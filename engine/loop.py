@@ -202,7 +202,8 @@ def co_train(cfg: RunConfig, world: World, accelerator: Accelerator, outputs: Ru
         # --kd-tail keeps that share of the steps for after synthesis (4c trains on at max(rate, 1) per tick).
         during_generation = cfg.student_steps - round(cfg.kd_tail * cfg.student_steps)
         rate = kd_rate(cfg, steps_per_batch, batches_left=n_batches, steps_left=during_generation)
-    # Device-side running values, read on the host at log time only: the last finite KD terms, the skipped counts.
+    # Device-side running values, read on the host at log time only: the last finite KD terms, the mean guidance
+    # terms of the log window, the skipped counts.
     window = {"images": 0, "start": time.time(), "kd": {}, "inv": {},
               "skipped": torch.zeros((), dtype=torch.long, device=device),
               "skipped_student": torch.zeros((), dtype=torch.long, device=device)}
@@ -243,7 +244,6 @@ def co_train(cfg: RunConfig, world: World, accelerator: Accelerator, outputs: Ru
                 with accelerator.autocast():  # bf16 UNet/decoder/teacher on CUDA; latents stay fp32
                     pending = pool.tick(snapshot)
                 state.batches_finished += len(pending)
-                window["inv"] = pool.last_terms() or window["inv"]
                 streams.record("generated", "gen")
 
         # 4c. Training (train stream): student updates from the replay buffer (online: while generating; offline:
@@ -267,6 +267,7 @@ def co_train(cfg: RunConfig, world: World, accelerator: Accelerator, outputs: Ru
                         streams.join()  # host reads from here on (log interval)
                         if pool is not None:
                             window["skipped"] += pool.take_skipped()
+                            window["inv"] = pool.take_terms() or window["inv"]  # the window's mean guidance terms
                         log_metrics(cfg, state, window, buffer, world, plain_student, outputs, run_start,
                                     accelerator)
                 if n_steps:
@@ -442,7 +443,7 @@ def log_metrics(cfg, state, window, buffer, world, student, outputs: RunOutputs,
             line[prefix + name] = float(accelerator.reduce(value.detach().float().reshape(1), "mean"))
     state.skipped_latent_steps += counts[4]
     flush_counts(state, window)
-    window["skipped"].zero_()  # window["inv"] stays: the terms of the last guided step, also on lines without one
+    window["skipped"].zero_()  # window["inv"] stays: a line with no guided step since the last repeats its terms
     line["skipped_latent_steps"] = state.skipped_latent_steps
     line["skipped_student_steps"] = state.skipped_student_steps  # the same on every process (see student_step)
     if device.type == "cuda":

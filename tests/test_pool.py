@@ -134,6 +134,27 @@ def test_one_batched_prior_call_per_tick_whatever_is_in_flight(prior, teacher, v
         handle.remove()
 
 
+def test_guidance_terms_are_averaged_over_the_samples_each_guided_step_moved(prior, teacher, view):  # noqa: F811
+    """The metrics read each term's mean over the window's guided samples: a step over 4 samples and one over 7
+    weigh 4 : 7; a term only part of the window has (L_adv after its warm-up) averages over the samples it saw."""
+    pool = DiffusionPool(make_sampler(prior, teacher, view, bn=0.5, cls=10.0, steps=4),
+                         torch.Generator().manual_seed(0))
+    pool.admit(torch.tensor([0, 1, 2, 0]), torch.tensor([1, 2, 3, 4]))
+    pool.tick()
+    first = dict(pool.last_terms())
+    pool.admit(torch.tensor([1, 1, 2]), torch.tensor([5, 6, 7]))
+    pool.tick()
+    second = pool.last_terms()
+    window = pool.take_terms()
+    assert set(window) == set(first) >= {"bn", "cls", "L_inv"} and pool.take_terms() == {}  # read once
+    for name in first:
+        torch.testing.assert_close(window[name], (4 * first[name] + 7 * second[name]) / 11)
+    pool.record_terms({"bn": torch.tensor(2.0)}, 1)
+    pool.record_terms({"bn": torch.tensor(5.0), "adv": torch.tensor(3.0)}, 2)
+    pool.record_terms({"bn": torch.tensor(float("nan")), "adv": torch.tensor(1.0)}, 2)  # a skipped step's NaN
+    assert pool.take_terms() == {"bn": torch.tensor(4.0), "adv": torch.tensor(2.0)}
+
+
 def test_checkpointed_pool_continues_bit_identically(prior, teacher, view):  # noqa: F811
     config = dict(bn=0.1, cls=10.0, steps=6, cutmix_every=2, repair_steps=2, repair_band=1)
     starts = {0: (torch.tensor([0, 1, 2]), torch.tensor([1, 2, 3])), 2: (torch.tensor([2, 2]), torch.tensor([4, 5]))}
@@ -145,9 +166,11 @@ def test_checkpointed_pool_continues_bit_identically(prior, teacher, view):  # n
             pool.admit(*starts[tick])
         assert not pool.tick()
     saved = pool.state_dict()
+    window = pool.take_terms()  # the metrics window in flight is kept too
     pool.tick()  # the live pool moves on; the saved copy must not
     resumed = DiffusionPool(make_sampler(prior, teacher, view, **config), torch.Generator().manual_seed(123))
     resumed.load_state_dict(saved)
+    assert resumed.take_terms() == window
     finished = []
     while resumed.in_flight:
         finished += resumed.tick()

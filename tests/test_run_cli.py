@@ -70,6 +70,36 @@ def test_metrics_lines(finished_run):
     assert all(0 <= line["student_acc"] <= 1 for line in lines if "student_acc" in line)
 
 
+def test_logged_guidance_terms_are_the_mean_of_each_log_window(world, tmp_path, capsys, monkeypatch):
+    """A line's inv_* terms are the sample-weighted mean of every guided step since the line before (the last
+    step alone is a few images: a noisy readout of what a weight did); a line with none repeats the last mean."""
+    from engine.synthesis.protocol import PoolCounters
+
+    steps, windows = [], []  # (terms, samples) of each guided step; the steps each log line covers
+    real_record, real_take = PoolCounters.record_terms, PoolCounters.take_terms
+
+    def record(self, terms, samples):
+        steps.append(({name: float(value) for name, value in terms.items()}, samples))
+        real_record(self, terms, samples)
+
+    def take(self):
+        windows.append(steps[:])
+        steps.clear()
+        return real_take(self)
+
+    monkeypatch.setattr(PoolCounters, "record_terms", record)
+    monkeypatch.setattr(PoolCounters, "take_terms", take)
+    run_ok(world, tmp_path / "run", capsys)
+    lines = metrics(tmp_path / "run")
+    assert len(windows) == len(lines) and max(len(w) for w in windows) > 1  # where the mean and the last differ
+    expected = {}
+    for line, window in zip(lines, windows):
+        for name in {name for terms, _ in window for name in terms}:
+            seen = [(terms[name], n) for terms, n in window if name in terms]
+            expected[name] = sum(v * n for v, n in seen) / sum(n for _, n in seen)
+        assert {k[4:]: v for k, v in line.items() if k.startswith("inv_")} == pytest.approx(expected, rel=1e-5)
+
+
 def test_summary_and_student_checkpoint(finished_run, capsys):
     summary = json.loads((finished_run / "summary.json").read_text())
     assert summary["student_steps"] == 8 and summary["images"] == 16

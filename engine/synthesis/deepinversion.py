@@ -177,6 +177,7 @@ class DeepInversionPool(PoolCounters):
         self.batches: list[PixelBatch] = []
         self.skipped = torch.zeros((), dtype=torch.long, device=generator.device)
         self._last_terms: dict[str, torch.Tensor] = {}
+        self._term_window: dict = {}
 
     @property
     def weighted(self) -> WeightedSum:
@@ -197,7 +198,7 @@ class DeepInversionPool(PoolCounters):
             self.generator.step(batch, student)
             self.skipped += batch.skipped
             batch.skipped.zero_()
-            self._last_terms = batch.last_terms
+            self.record_terms(batch.last_terms, len(batch))
         finished = []
         while self.batches and self.batches[0].done:  # equal step counts: batches finish in start order
             batch = self.batches.pop(0)
@@ -206,8 +207,12 @@ class DeepInversionPool(PoolCounters):
         return finished
 
     def state_dict(self) -> dict:
-        return {"batches": [self.generator.batch_state(b) for b in self.batches], "skipped": self.skipped.clone()}
+        return {"batches": [self.generator.batch_state(b) for b in self.batches], "skipped": self.skipped.clone(),
+                "term_window": {k: (total.clone(), n.clone()) for k, (total, n) in self._term_window.items()}}
 
     def load_state_dict(self, state: dict) -> None:
         self.batches = [self.generator.restore_batch(saved) for saved in state["batches"]]
         self.skipped = state["skipped"].to(self.generator.device)
+        device = self.generator.device
+        self._term_window = {k: (total.to(device), n.to(device))
+                             for k, (total, n) in state.get("term_window", {}).items()}

@@ -112,6 +112,7 @@ class DiffusionPool(PoolCounters):
         self.cond: Cond | None = None
         self.skipped = torch.zeros((), dtype=torch.long, device=self.device)
         self._last_terms: dict[str, torch.Tensor] = {}
+        self._term_window: dict = {}
 
     # The guided sampler owns the term weights (L_adv's warm-up switches them during a run).
     @property
@@ -264,7 +265,7 @@ class DiffusionPool(PoolCounters):
                     sums[name] = sums.get(name, 0.0) + value * n
                 count += n
             eps_parts.append(eps)
-        self._last_terms = {name: value / count for name, value in sums.items()}
+        self.record_terms({name: value / count for name, value in sums.items()}, count)
         return eps_parts[0] if len(eps_parts) == 1 else torch.cat(eps_parts)
 
     def _noise(self, shape) -> torch.Tensor:
@@ -312,6 +313,7 @@ class DiffusionPool(PoolCounters):
         return copy.deepcopy({
             "z": self.z, "step": self.step, "labels": self.labels, "label_weights": self.label_weights,
             "seeds": self.seeds, "skipped": self.skipped, "rng": self.rng.get_state(),
+            "term_window": self._term_window,  # the metrics window's guidance-term sums
             "blocks": [(b.size, b.step_index, None if b.repair is None else
                         (b.repair.free, b.repair.z0, b.repair.eps, b.repair.steps_left)) for b in self.blocks]})
 
@@ -319,6 +321,8 @@ class DiffusionPool(PoolCounters):
         self._empty()
         self.rng.set_state(state["rng"])
         self.skipped = state["skipped"].to(self.device)
+        self._term_window = {k: (total.to(self.device), n.to(self.device))
+                             for k, (total, n) in state.get("term_window", {}).items()}
         start = 0
         for size, step_index, repair in state["blocks"]:
             rows = slice(start, start + size)

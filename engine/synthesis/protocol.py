@@ -53,6 +53,10 @@ class GenerationPool(Protocol):
     def last_terms(self) -> dict[str, torch.Tensor]:
         """The terms of the last guided step (detached, on the device), for the metrics."""
 
+    def take_terms(self) -> dict[str, torch.Tensor]:
+        """Each term's sample-weighted mean over the guided steps since the last call (detached device scalars; {}
+        when none ran), for the metrics; resets the window."""
+
     def state_dict(self) -> dict:
         """Everything in flight, copied, so that ``load_state_dict`` continues bit-identically."""
 
@@ -62,10 +66,12 @@ class GenerationPool(Protocol):
 
 class PoolCounters:
     """What both pools report at log time: the skipped-latent-step count (device tensor, reset on read) and the
-    last guidance terms. Subclasses set ``self.skipped`` and ``self._last_terms``."""
+    guidance terms, those of the last guided step and their mean over the log window. Subclasses set
+    ``self.skipped``, call :meth:`record_terms` after each guided step and keep ``_term_window`` in their state."""
 
     skipped: torch.Tensor
     _last_terms: dict
+    _term_window: dict  # name → (Σ value·samples, samples) of the finite values since the last take_terms (device)
 
     def take_skipped(self) -> torch.Tensor:
         out, self.skipped = self.skipped, torch.zeros_like(self.skipped)
@@ -73,3 +79,19 @@ class PoolCounters:
 
     def last_terms(self) -> dict[str, torch.Tensor]:
         return self._last_terms
+
+    def record_terms(self, terms: dict[str, torch.Tensor], samples: int) -> None:
+        """Keep a guided step's terms (means over its ``samples``): as the last step's and in the window's sums. A
+        non-finite value stays out of the window (its step is counted as skipped); a term present in only part of
+        the window (L_adv after its warm-up) is averaged over the samples it saw. A window without one finite value
+        of a term logs it as NaN."""
+        self._last_terms = terms
+        for name, value in terms.items():
+            finite = torch.isfinite(value)
+            total, n = self._term_window.get(name, (0.0, 0))
+            self._term_window[name] = (total + torch.where(finite, value * samples, 0.0), n + finite * samples)
+
+    def take_terms(self) -> dict[str, torch.Tensor]:
+        out = {name: total / n for name, (total, n) in self._term_window.items()}
+        self._term_window = {}
+        return out
