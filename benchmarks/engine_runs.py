@@ -22,6 +22,7 @@ from pathlib import Path
 from benchmarks.common import RESULTS_DIR, run_metadata
 from engine.checkpoints import atomic_write_json
 from engine.config import (
+    GUIDED_STEP_FIELDS,
     ONLINE_SCHEDULE_FIELDS,
     PRIOR_SAMPLER_FIELDS,
     VALUE_BEFORE_THE_FIELD,
@@ -79,13 +80,13 @@ def budget_record(args) -> dict:
 
 
 def check_reusable(flags: list[str], run_dir: Path) -> None:
-    """Refuse to reuse a finished run that is not the run ``flags`` ask for (another budget, seed or objective):
-    its saved config.json is compared with what the flags resolve to now, except the fields that only say how a
-    run reports or where it computes (``engine.resume.RESUME_SAFE``; the budget counts), for DeepInversion and
-    real-data KD the guided prior sampler's settings they never read, and for offline runs and real-data KD the
-    online schedule's (``--kd-tail``). A field the run predates must hold its default, the behaviour the engine had
-    before it (or, where the default has changed since, ``VALUE_BEFORE_THE_FIELD``). Runs without config.json are
-    not checked."""
+    """Refuse to reuse a finished run that is not the run ``flags`` ask for (another budget, seed or objective): its
+    saved config.json is compared with what the flags resolve to now, except the fields that only say how a run
+    reports or where it computes (``engine.resume.RESUME_SAFE``; the budget counts), for DeepInversion and real-data
+    KD the guided prior sampler's settings they never read, for DM-KD the guided step's, and for offline runs and
+    real-data KD the online schedule's (``--kd-tail``). A field the run predates must hold its default, the behaviour
+    the engine had before it (or, where the default has changed since, ``VALUE_BEFORE_THE_FIELD``). Runs without
+    config.json are not checked."""
     saved_path = run_dir / "config.json"
     if not saved_path.exists():
         return
@@ -95,6 +96,8 @@ def check_reusable(flags: list[str], run_dir: Path) -> None:
     skip = (RESUME_SAFE - {"student_steps"}) | {"teacher_arch", "teacher_checkpoint"}  # the last two: the world's
     if wanted["method"] in ("deepinv", "real-kd"):  # e.g. a DeepInversion run from before α's default changed
         skip |= PRIOR_SAMPLER_FIELDS
+    if wanted["method"] == "dmkd":  # e.g. a DM-KD run from before the fashion world's η changed
+        skip |= GUIDED_STEP_FIELDS
     if not reads_online_schedule(wanted):  # e.g. an offline run reused in a table made with the tail
         skip |= ONLINE_SCHEDULE_FIELDS
     changed = [f"{flag_name(k)} {saved[k] if k in saved else defaults[k]} (now {v})" for k, v in wanted.items()

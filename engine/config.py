@@ -31,17 +31,22 @@ MAX_IMAGES = 10_000_000
 # 2026-12-05, was 0.1, then 1.0; fashion 0.25 since 2026-12-05, was 1.0, then 0.5 for a sitting); so is the sampler.
 # So is the replay tail (BENCHMARKS.md "The fashion world's replay tail changed"): digits --kd-tail 0.5 since
 # 2026-12-06 (0 before); fashion 0.75 since later that day (0 before, then 0.5 for a few hours).
+# So is η, the latent step (BENCHMARKS.md "The fashion world's latent step changed"): fashion 0.05 since 2026-12-06
+# late (0.1 before, digits' value).
 WORLDS: dict[str, dict[str, str | float]] = {
     "digits": {"teacher": "default", "prior": "default", "dataset": "mnist", "student": "convnet2-w16",
-               "real_split": "train", "bn": 2.0, "sampler_steps": 25, "guide_every": 2, "kd_tail": 0.5},
+               "real_split": "train", "bn": 2.0, "step_size": 0.1, "sampler_steps": 25, "guide_every": 2,
+               "kd_tail": 0.5},
     "fashion": {"teacher": "fashion", "prior": "fashion", "dataset": "fashion-mnist", "student": "convnet2-w16",
                 "real_split": "half-a",  # real-data KD draws from the teacher's half, never the prior's
-                "bn": 0.25, "sampler_steps": 15, "guide_every": 1, "kd_tail": 0.75},
+                "bn": 0.25, "step_size": 0.05, "sampler_steps": 15, "guide_every": 1, "kd_tail": 0.75},
 }
 World = Literal["digits", "fashion"]
-# The guided prior sampler's settings, which --method deepinv (its own --deepinv-* weights and iterations) and
-# --method real-kd (no generator) never read.
-PRIOR_SAMPLER_FIELDS = frozenset({"bn", "cls", "step_size", "guidance_ramp", "sampler_steps", "guide_every"})
+# The guided step's settings, which --method dmkd (unguided prior samples) never reads, and the guided prior
+# sampler's, which --method deepinv (its own --deepinv-* weights and iterations) and --method real-kd (no generator)
+# never read.
+GUIDED_STEP_FIELDS = frozenset({"bn", "cls", "step_size", "guidance_ramp", "guide_every"})
+PRIOR_SAMPLER_FIELDS = GUIDED_STEP_FIELDS | {"sampler_steps"}
 # Read only while an online run is still making images (see reads_online_schedule).
 ONLINE_SCHEDULE_FIELDS = frozenset({"kd_tail"})
 # What a run saved before a field existed did, where that is no longer the field's default.
@@ -96,7 +101,8 @@ class RunConfig:
                        "fashion: 0.25 since 2026-12-05; BENCHMARKS.md: levers)")
     cls: float = opt(10.0, "β: weight of the class-prior cross-entropy")
     adv: float = opt(1.0, "γ: weight of the adversarial loss (after --adv-warmup-images images)")
-    step_size: float = opt(0.1, "η: latent step per timestep (per sample: the gradient is scaled by the batch size)")
+    step_size: float = opt(0.1, "η: latent step per timestep (per sample: the gradient is scaled by the batch size; "
+                           "--world fashion: 0.05 since 2026-12-06)")
     guidance_ramp: float = opt(0.0, "ρ in [0, 1]: η·(1-ρ) at the noisiest step rising linearly to η·(1+ρ) at the "
                                "last (mean η; 0 = constant)")
     guidance_scale: float = opt(2.0, "classifier-free guidance scale of the prior")

@@ -93,6 +93,12 @@ def test_reuse_ignores_the_prior_samplers_settings_only_for_methods_that_never_r
         else:  # the prior's samples depend on the sampler (DM-KD's too), and ours on α
             with pytest.raises(SystemExit, match=r"--sampler-steps 15 \(now 25\)"):
                 run_engine("m", flags, run_dir, reuse=True)
+        if method == "dmkd":  # unguided: the guided step's weights, η, ramp and cadence are never read
+            assert run_engine("m", [*flags, *old_sampler, "--step-size", "0.3", "--guidance-ramp", "0.5", "--cls",
+                                    "2", "--guide-every", "3"], run_dir, reuse=True)["student_acc"] == 0.5
+        if method == "diffdfkd":
+            with pytest.raises(SystemExit, match=r"--step-size 0.1 \(now 0.3\)"):
+                run_engine("m", [*flags, *old_sampler, "--step-size", "0.3"], run_dir, reuse=True)
     with pytest.raises(SystemExit, match="--deepinv-bn"):  # DeepInversion's own weights still count
         run_engine("m", ["--method", "deepinv", "--images", "64", "--deepinv-bn", "3"], tmp_path / "deepinv",
                    reuse=True)

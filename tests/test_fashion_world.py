@@ -112,6 +112,19 @@ def test_alpha_is_per_world_and_an_explicit_bn_wins():
     assert parse_config(["--world", "fashion", "--method", "dmkd"]).resolved().bn == 0  # unguided: α never read
 
 
+def test_the_latent_step_is_per_world_and_an_explicit_step_size_wins():
+    """η (--step-size) differs by world (fashion 0.05, digits 0.1: BENCHMARKS.md "The fashion world's latent step
+    changed"); online and offline read the same value."""
+    from engine.synthesis.guided import GuidanceConfig
+
+    def eta(*argv):
+        return parse_config(list(argv)).resolved().step_size
+
+    assert eta() == eta("--world", "digits") == GuidanceConfig().step_size == 0.1
+    assert eta("--world", "fashion") == eta("--world", "fashion", "--schedule", "offline") == 0.05
+    assert eta("--world", "fashion", "--step-size", "0.1") == eta("--step-size", "0.1", "--world", "fashion") == 0.1
+
+
 def test_sampler_budget_is_per_world_and_explicit_flags_win():
     """Digits samples 25 steps guided every 2nd, fashion 15 guided every step (BENCHMARKS.md, the 25-step sampler
     as the digits default); DM-KD and offline read the same sampler flags."""
