@@ -207,12 +207,8 @@ class DeepInversionPool(PoolCounters):
         return finished
 
     def state_dict(self) -> dict:
-        return {"batches": [self.generator.batch_state(b) for b in self.batches], "skipped": self.skipped.clone(),
-                "term_window": {k: (total.clone(), n.clone()) for k, (total, n) in self._term_window.items()}}
+        return {"batches": [self.generator.batch_state(b) for b in self.batches], **self.counters_state()}
 
     def load_state_dict(self, state: dict) -> None:
         self.batches = [self.generator.restore_batch(saved) for saved in state["batches"]]
-        self.skipped = state["skipped"].to(self.generator.device)
-        device = self.generator.device
-        self._term_window = {k: (total.to(device), n.to(device))
-                             for k, (total, n) in state.get("term_window", {}).items()}
+        self.load_counters(state, self.generator.device)

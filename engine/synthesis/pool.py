@@ -312,17 +312,14 @@ class DiffusionPool(PoolCounters):
         """A copy of everything in flight (the conditioning is recomputed from the labels)."""
         return copy.deepcopy({
             "z": self.z, "step": self.step, "labels": self.labels, "label_weights": self.label_weights,
-            "seeds": self.seeds, "skipped": self.skipped, "rng": self.rng.get_state(),
-            "term_window": self._term_window,  # the metrics window's guidance-term sums
+            "seeds": self.seeds, "rng": self.rng.get_state(), **self.counters_state(),
             "blocks": [(b.size, b.step_index, None if b.repair is None else
                         (b.repair.free, b.repair.z0, b.repair.eps, b.repair.steps_left)) for b in self.blocks]})
 
     def load_state_dict(self, state: dict) -> None:
         self._empty()
         self.rng.set_state(state["rng"])
-        self.skipped = state["skipped"].to(self.device)
-        self._term_window = {k: (total.to(self.device), n.to(self.device))
-                             for k, (total, n) in state.get("term_window", {}).items()}
+        self.load_counters(state, self.device)
         start = 0
         for size, step_index, repair in state["blocks"]:
             rows = slice(start, start + size)

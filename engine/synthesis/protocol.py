@@ -67,7 +67,8 @@ class GenerationPool(Protocol):
 class PoolCounters:
     """What both pools report at log time: the skipped-latent-step count (device tensor, reset on read) and the
     guidance terms, those of the last guided step and their mean over the log window. Subclasses set
-    ``self.skipped``, call :meth:`record_terms` after each guided step and keep ``_term_window`` in their state."""
+    ``self.skipped``, call :meth:`record_terms` after each guided step and save :meth:`counters_state` with their
+    state."""
 
     skipped: torch.Tensor
     _last_terms: dict
@@ -95,3 +96,13 @@ class PoolCounters:
         out = {name: total / n for name, (total, n) in self._term_window.items()}
         self._term_window = {}
         return out
+
+    # Checkpoints: the counters travel with the pool's state so that a resumed run logs the window it was in.
+    def counters_state(self) -> dict:
+        return {"skipped": self.skipped.clone(),
+                "term_window": {k: (total.clone(), n.clone()) for k, (total, n) in self._term_window.items()}}
+
+    def load_counters(self, state: dict, device: torch.device) -> None:
+        self.skipped = state["skipped"].to(device)
+        self._term_window = {k: (total.to(device), n.to(device))
+                             for k, (total, n) in state.get("term_window", {}).items()}
