@@ -99,6 +99,9 @@ VARIANTS = {
     # 18.2) → 31.9 (×10), at 99-100% teacher agreement
     "first-bn-3": ["--first-bn-multiplier", "3"],
     "first-bn-10": ["--first-bn-multiplier", "10"],
+    # 5. the classes of new images follow the student's per-class KD loss (engine/class_focus.py): beside L_adv, the
+    # one way the generator reads the current student, so the one lever only the online schedule can have
+    "class-focus-1": ["--class-focus", "1"], "class-focus-2": ["--class-focus", "2"],
 }
 
 

@@ -48,7 +48,7 @@ World = Literal["digits", "fashion"]
 GUIDED_STEP_FIELDS = frozenset({"bn", "cls", "step_size", "guidance_ramp", "guide_every"})
 PRIOR_SAMPLER_FIELDS = GUIDED_STEP_FIELDS | {"sampler_steps"}
 # Read only while an online run is still making images (see reads_online_schedule).
-ONLINE_SCHEDULE_FIELDS = frozenset({"kd_tail"})
+ONLINE_SCHEDULE_FIELDS = frozenset({"kd_tail", "class_focus"})
 # What a run saved before a field existed did, where that is no longer the field's default.
 VALUE_BEFORE_THE_FIELD = {"kd_tail": 0.0}
 
@@ -156,6 +156,8 @@ class RunConfig:
                                 "exposure (0 = uniform)")
     kd_tail: float = opt(0.5, "online: fraction of the student steps kept for after the last image is made "
                          "(0 = spread them all over generation; digits world 0.5, fashion 0.75)")
+    class_focus: float = opt(0.0, "online: classes of new images drawn ∝ (the student's mean KD loss on each class "
+                             "since the last metrics line)^F (0 = round-robin; engine/class_focus.py)")
     buffer_capacity: int = opt(0, "replay buffer size in images (0 = the image budget)")
     adv_warmup_images: int = opt(300, "images made before the adversarial term turns on (either schedule; "
                                  "offline it then targets the untrained student, as synthesis runs first)")
@@ -210,7 +212,7 @@ class RunConfig:
                 raise UserError(f"--{name.replace('_', '-')} must be positive (got {getattr(cfg, name)})")
         for name in ["bn", "cls", "adv", "step_size", "msarc", "cutmix_every", "repair_steps", "repair_band",
                      "kd_steps_per_tick", "min_buffer", "replay_balance", "max_step_rms", "buffer_capacity",
-                     "adv_warmup_images", "aug_pad",
+                     "adv_warmup_images", "aug_pad", "class_focus",
                      "lr", "weight_decay", "first_bn_multiplier", "grad_chunk", "memory_target_gb", "deepinv_lr",
                      "deepinv_bn", "deepinv_cls", "deepinv_first_bn_multiplier", "deepinv_tv_l1", "deepinv_tv_l2",
                      "deepinv_l2", "deepinv_jitter",

@@ -34,6 +34,7 @@ import torch
 from accelerate import Accelerator
 
 from augment.student_augment import student_augment
+from engine.class_focus import class_kd_sums, draw_labels, focus_probs
 from engine.config import RunConfig
 from engine.datasets import as_tensors
 from engine.errors import RunDiverged, UserError
@@ -64,15 +65,20 @@ class LoopState:
     best_acc: float = 0.0
     last_acc: float = 0.0  # test accuracy at the last evaluation (the final step always evaluates)
     elapsed_seconds: float = 0.0  # wall time the run has spent (restored on resume, so images/s stays honest)
+    class_probs: list | None = None  # --class-focus: the class probabilities of new micro-batches (None: round-robin)
+    class_kd_window: list | None = None  # --class-focus: the per-class KD sums and counts not yet read (checkpoints)
 
 
-def micro_batch(cfg: RunConfig, index: int, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Labels and seeds of (global) micro-batch ``index``: classes balanced round-robin, one seed per image. The
-    last one is cut to the budget; indices past it (multi-process rounding) are whole extra micro-batches."""
+def micro_batch(cfg: RunConfig, index: int, num_classes: int,
+                class_probs: list[float] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Labels and seeds of (global) micro-batch ``index``: classes balanced round-robin (or drawn from
+    ``class_probs``, --class-focus), one seed per image. The last one is cut to the budget; indices past it
+    (multi-process rounding) are whole extra micro-batches."""
     first = index * cfg.gen_batch
     n = min(cfg.gen_batch, cfg.images - first) if first < cfg.images else cfg.gen_batch
     ids = torch.arange(first, first + n)
-    return ids % num_classes, cfg.seed * 10_000_000 + ids
+    labels = ids % num_classes if class_probs is None else draw_labels(class_probs, n, cfg.seed * 10_000_000 + first)
+    return labels, cfg.seed * 10_000_000 + ids
 
 
 def start_interval(cfg: RunConfig, steps_per_batch: int) -> int:
@@ -207,6 +213,11 @@ def co_train(cfg: RunConfig, world: World, accelerator: Accelerator, outputs: Ru
     window = {"images": 0, "start": time.time(), "kd": {}, "inv": {},
               "skipped": torch.zeros((), dtype=torch.long, device=device),
               "skipped_student": torch.zeros((), dtype=torch.long, device=device)}
+    if cfg.class_focus > 0:  # (2, K): per-class Σ KD loss and Σ weight since the last metrics line, summed over
+        # processes at log time; a resumed window (already the sum) goes to the main process alone
+        window["class_kd"] = torch.zeros((2, info.num_classes), device=device)
+        if state.class_kd_window and accelerator.is_main_process:
+            window["class_kd"] += torch.tensor(state.class_kd_window, device=device)
     run_start = time.time() - state.elapsed_seconds
     last_checkpoint = time.time()
     streams.begin()  # both streams start after the set-up above (snapshot, buffer, restored state)
@@ -238,7 +249,8 @@ def co_train(cfg: RunConfig, world: World, accelerator: Accelerator, outputs: Ru
                     pool.set_weights(adv=cfg.adv)
                 due = state.tick - state.last_start_tick >= stagger
                 if due and pool.in_flight < cfg.in_flight and state.batches_started < n_batches:
-                    pool.admit(*micro_batch(cfg, rank + ranks * state.batches_started, info.num_classes))
+                    pool.admit(*micro_batch(cfg, rank + ranks * state.batches_started, info.num_classes,
+                                            state.class_probs))
                     state.batches_started += 1
                     state.last_start_tick = state.tick
                 with accelerator.autocast():  # bf16 UNet/decoder/teacher on CUDA; latents stay fp32
@@ -256,7 +268,7 @@ def co_train(cfg: RunConfig, world: World, accelerator: Accelerator, outputs: Ru
             with streams.on("train"):
                 for _ in range(n_steps):
                     terms, bad = student_step(cfg, student, plain_student, teacher, view, buffer, optimizer,
-                                              accelerator, kd_loss, batch_generator)
+                                              accelerator, kd_loss, batch_generator, window.get("class_kd"))
                     window["skipped_student"] += bad.long()
                     # A skipped step keeps the last finite terms in the metrics (selected on the device).
                     window["kd"] = {k: torch.where(bad, window["kd"][k], v) if k in window["kd"] else v
@@ -309,6 +321,9 @@ def co_train(cfg: RunConfig, world: World, accelerator: Accelerator, outputs: Ru
                "skipped_latent_steps": state.skipped_latent_steps,
                "skipped_student_steps": state.skipped_student_steps, "processes": ranks,
                "replay_exposure": buffer.exposure()}  # this process's buffer: draws per image, by arrival
+    if cfg.class_focus > 0:  # the images each class got (soft targets summed over every process's buffer)
+        per_class = accelerator.reduce(buffer.targets[: len(buffer)].sum(0), "sum")
+        summary["images_per_class"] = [round(x, 2) for x in per_class.tolist()]
     # Diverged: most steps were skipped as non-finite (e.g. --lr 1e30, --step-size 1e30). The outputs are written
     # for inspection, but the run exits 3 instead of passing off a meaningless student (the counts are in summary).
     guided_per_image = steps_per_batch if cfg.method == "deepinv" else math.ceil(steps_per_batch / cfg.guide_every)
@@ -324,9 +339,11 @@ def co_train(cfg: RunConfig, world: World, accelerator: Accelerator, outputs: Ru
     return summary
 
 
-def student_step(cfg, student, plain_student, teacher, view, buffer, optimizer, accelerator, kd_loss, generator):
+def student_step(cfg, student, plain_student, teacher, view, buffer, optimizer, accelerator, kd_loss, generator,
+                 class_window: torch.Tensor | None = None):
     """One KD update: L_kd = τ²·KL(p_T^τ ‖ p_S^τ) + μ·L_mSARC on an augmented replay-buffer batch. Returns
     ``(terms, bad)``: the detached terms and a device bool, True when the step was not finite and was undone.
+    ``class_window`` (--class-focus, (2, K)) gets the step's per-class KD sums and weights added, finite ones only.
 
     Guard, without a host sync: if L_kd or any gradient is not finite, the update is masked out: the optimizer steps
     anyway, then every parameter, BN running statistic (the forward pass has already moved them) and optimizer state
@@ -337,7 +354,7 @@ def student_step(cfg, student, plain_student, teacher, view, buffer, optimizer, 
     across processes and the flag is reduced too, so every process masks the same steps. With fp16 the GradScaler
     also skips overflowing steps itself (it reads its found-inf flag on the host: fp16 is the one mode that syncs).
     """
-    images, cached_logits, _ = buffer.sample(cfg.batch_size, generator, balance=cfg.replay_balance)
+    images, cached_logits, targets = buffer.sample(cfg.batch_size, generator, balance=cfg.replay_balance)
     x = view.normalize(student_augment(images, cfg.aug_pad, cfg.aug_flip, generator))
     use_msarc = cfg.msarc > 0
     before = step_state(plain_student, optimizer)
@@ -357,6 +374,10 @@ def student_step(cfg, student, plain_student, teacher, view, buffer, optimizer, 
             terms["msarc"] = msarc_loss(student_features, teacher_features, plain_student.classifier_weight(),
                                         teacher.classifier_weight(), view_logits)
         loss = kd_loss(terms)
+    if class_window is not None:
+        sums, weights = class_kd_sums(student_logits, teacher_logits, targets, cfg.tau)
+        finite = torch.isfinite(sums)
+        class_window += torch.stack([torch.where(finite, sums, 0.0), torch.where(finite, weights, 0.0)])
     optimizer.zero_grad(set_to_none=True)
     accelerator.backward(loss)
     bad = ~torch.isfinite(loss.detach().float())
@@ -411,7 +432,8 @@ def fill_with_real_data(cfg: RunConfig, world: World, buffer: ReplayBuffer, devi
 
 def flush_counts(state: LoopState, window: dict, pool=None, accelerator=None) -> None:
     """Move the device-side skip counts into the host-side state (a host sync: log and checkpoint points only). With
-    ``accelerator`` (checkpoint and end: a collective) the latent skips are summed over processes too."""
+    ``accelerator`` (checkpoint and end: a collective) the latent skips are summed over processes too, and the
+    --class-focus window is copied into the state."""
     state.skipped_student_steps += int(window["skipped_student"])  # the same on every process (see student_step)
     window["skipped_student"].zero_()
     if accelerator is not None:
@@ -419,6 +441,8 @@ def flush_counts(state: LoopState, window: dict, pool=None, accelerator=None) ->
             window["skipped"] += pool.take_skipped()
         state.skipped_latent_steps += int(accelerator.reduce(window["skipped"].reshape(1), "sum")[0])
         window["skipped"].zero_()
+        if "class_kd" in window:  # summed over processes; on resume the main process carries it (see co_train)
+            state.class_kd_window = accelerator.reduce(window["class_kd"].clone(), "sum").tolist()
 
 
 def in_flight_state(pool, pending: list[Finished]) -> dict:
@@ -443,6 +467,11 @@ def log_metrics(cfg, state, window, buffer, world, student, outputs: RunOutputs,
             line[prefix + name] = float(accelerator.reduce(value.detach().float().reshape(1), "mean"))
     state.skipped_latent_steps += counts[4]
     flush_counts(state, window)
+    if "class_kd" in window:  # --class-focus: the window's per-class loss sets the classes of the next micro-batches
+        sums, weights = accelerator.reduce(window["class_kd"].clone(), "sum").cpu()
+        state.class_probs = focus_probs(sums, weights, state.class_probs, cfg.class_focus)
+        line["class_probs"] = [round(p, 4) for p in state.class_probs]
+        window["class_kd"].zero_()
     window["skipped"].zero_()  # window["inv"] stays: a line with no guided step since the last repeats its terms
     line["skipped_latent_steps"] = state.skipped_latent_steps
     line["skipped_student_steps"] = state.skipped_student_steps  # the same on every process (see student_step)

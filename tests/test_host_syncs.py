@@ -18,7 +18,8 @@ QUIET = ["--images", "40", "--student-steps", "30", "--log-every", "1000", "--ev
 
 
 @pytest.mark.parametrize("flags", [[], ["--scheduler", "ddpm", "--teacher-logits", "recompute"],
-                                   ["--method", "deepinv"]], ids=["default", "ddpm", "deepinv"])
+                                   ["--method", "deepinv"], ["--class-focus", "1"]],
+                         ids=["default", "ddpm", "deepinv", "class-focus"])
 def test_steady_state_ticks_read_nothing_from_the_device(world, tmp_path, flags):
     cfg = parse_config(world.argv(tmp_path / "run", *QUIET, *flags)).resolved()
     built = build_world(cfg, torch.device("cpu"))

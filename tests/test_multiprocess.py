@@ -31,3 +31,20 @@ def test_two_process_run_matches_a_one_process_run(world, tmp_path):
     labels = torch.load(two / "synthetic" / "labels.pt", weights_only=False)
     assert sorted(labels["seeds"].tolist()) == list(range(16))  # each rank made its own disjoint seeds, none twice
     assert not list(two.glob(".*.tmp")) and len((two / "metrics.jsonl").read_text().splitlines()) == 4  # main only
+
+
+@pytest.mark.slow
+def test_two_process_class_focus_shares_one_set_of_class_probabilities(world, tmp_path):
+    """--class-focus under DDP (the per-class windows are summed over processes at each metrics line and at
+    checkpoints): it completes, logs shares that sum to one, and the summary counts every rank's images."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    run_dir = tmp_path / "two"
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29534"]
+    flags = ["--class-focus", "4", "--images", "24", "--checkpoint-every", "3"]
+    done = subprocess.run([*launch, "-m", "engine.run", *world.argv(run_dir, *flags)], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert all(sum(line["class_probs"]) == pytest.approx(1.0, abs=1e-3) for line in lines)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert sum(summary["images_per_class"]) == pytest.approx(24)

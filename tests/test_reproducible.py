@@ -36,10 +36,15 @@ class Crash(Exception):
     pass
 
 
-@pytest.mark.parametrize("method", ["diffdfkd", "deepinv"])
-def test_a_run_resumed_from_a_mid_run_checkpoint_ends_bit_identical(world, tmp_path, capsys, monkeypatch, method):
+# --class-focus: 24 images, so that the third checkpoint (tick 9) holds a half-summed class window whose shares
+# decide the labels of micro-batches not yet started.
+@pytest.mark.parametrize("method, crash_at", [(("diffdfkd",), 2), (("deepinv",), 2),
+                                              (("diffdfkd", "--class-focus", "4", "--images", "24"), 3)],
+                         ids=["diffdfkd", "deepinv", "class-focus"])
+def test_a_run_resumed_from_a_mid_run_checkpoint_ends_bit_identical(world, tmp_path, capsys, monkeypatch, method,
+                                                                   crash_at):
     # Checkpoints every 3 ticks with micro-batches in flight (2 in flight, staggered) and L_adv on from 8 images.
-    flags = ("--method", method, "--checkpoint-every", "3", "--checkpoint-minutes", "0")
+    flags = ("--method", *method, "--checkpoint-every", "3", "--checkpoint-minutes", "0")
     uninterrupted = run(world, tmp_path / "whole", capsys, *flags)
 
     real_save = engine.outputs.RunOutputs.save_checkpoint
@@ -48,7 +53,7 @@ def test_a_run_resumed_from_a_mid_run_checkpoint_ends_bit_identical(world, tmp_p
     def save_then_crash(self, *args, **kwargs):
         real_save(self, *args, **kwargs)
         saves.append(args[-1])  # the in-flight micro-batches it saved
-        if len(saves) == 2:
+        if len(saves) == crash_at:
             raise Crash
 
     monkeypatch.setattr(engine.outputs.RunOutputs, "save_checkpoint", save_then_crash)

@@ -1,0 +1,53 @@
+"""``--class-focus F``: the classes of new images follow the student's weakness (online schedule; issue 16).
+
+Round-robin classes give every class the same share of the image budget, however well the student already
+matches the teacher on it. With F > 0, each student step adds its per-sample distillation loss
+``τ²·KL(p_T^τ ‖ p_S^τ)`` to the classes of its images (the soft targets: a CutMix image counts for both of its
+classes by their mix weights), on the device. At each metrics line (already a host sync), the window's mean per
+class ``m_k`` sets the class probabilities of the micro-batches started from then on::
+
+    p_k ∝ m_k^F        (F = 0: uniform; F = 1: proportional to the loss; a class absent from the window keeps p_k)
+
+Until the first metrics line after training starts, classes stay round-robin. Offline runs never train while they
+generate, so their classes stay round-robin whatever F is. Only the online schedule can do this: it is, beside
+L_adv, the second way the generator reads the current student.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def class_kd_sums(student_logits: torch.Tensor, teacher_logits: torch.Tensor, targets: torch.Tensor,
+                  temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per class: (Σ_i w_ik · τ²·KL_i, Σ_i w_ik), with w the (B, K) soft targets and KL_i the per-sample KD term
+    of ``losses.kd_kl``. Two (K,) device tensors (detached)."""
+    with torch.no_grad():
+        log_p_s = F.log_softmax(student_logits.float() / temperature, dim=1)
+        log_p_t = F.log_softmax(teacher_logits.float() / temperature, dim=1)
+        kl = temperature**2 * (log_p_t.exp() * (log_p_t - log_p_s)).sum(dim=1)  # (B,)
+        weights = targets.float()
+        return weights.T @ kl, weights.sum(dim=0)
+
+
+def focus_probs(sums: torch.Tensor, counts: torch.Tensor, previous: list[float] | None, focus: float) -> list[float]:
+    """Class probabilities from a window's per-class loss sums and counts (host values): p_k ∝ (sums_k /
+    counts_k)^focus over the classes seen, a class not seen keeping its previous share (uniform at first)."""
+    k = len(sums)
+    previous = previous or [1.0 / k] * k
+    seen = [i for i in range(k) if counts[i] > 0 and torch.isfinite(sums[i])]
+    if not seen:
+        return list(previous)
+    means = {i: max(float(sums[i] / counts[i]), 1e-12) for i in seen}
+    mass = sum(previous[i] for i in seen)  # the share the seen classes had, redistributed among them
+    scores = {i: m**focus for i, m in means.items()}
+    total = sum(scores.values())
+    return [mass * scores[i] / total if i in scores else previous[i] for i in range(k)]
+
+
+def draw_labels(probs: list[float], n: int, seed: int) -> torch.Tensor:
+    """``n`` class labels drawn from ``probs`` with a generator of their own (the same labels on every process and
+    after a resume)."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.multinomial(torch.tensor(probs, dtype=torch.float64), n, replacement=True, generator=generator)

@@ -1,0 +1,74 @@
+"""--class-focus: per-class KD sums, the class probabilities they set, the labels drawn from them, and the loop."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from engine.class_focus import class_kd_sums, draw_labels, focus_probs
+from engine.config import RunConfig
+from engine.loop import micro_batch
+from engine.run import main
+from tests.conftest import run_main
+
+
+def test_class_kd_sums_by_hand():
+    # Sample 1: teacher uniform, student logits (ln 3, 0); sample 2: student = teacher (KL 0), a CutMix image 1:3.
+    tau = 2.0
+    student = torch.tensor([[math.log(3.0), 0.0], [0.3, -0.2]])
+    teacher = torch.tensor([[0.0, 0.0], [0.3, -0.2]])
+    targets = torch.tensor([[1.0, 0.0], [0.25, 0.75]])
+    p_s = [3 ** 0.5 / (1 + 3 ** 0.5), 1 / (1 + 3 ** 0.5)]  # softmax((ln 3, 0) / 2)
+    kl_1 = tau**2 * (0.5 * math.log(0.5 / p_s[0]) + 0.5 * math.log(0.5 / p_s[1]))
+    sums, weights = class_kd_sums(student, teacher, targets, tau)
+    assert sums.tolist() == pytest.approx([kl_1, 0.0], abs=1e-6)
+    assert weights.tolist() == pytest.approx([1.25, 0.75])
+
+
+def test_focus_probs_by_hand():
+    sums, counts = torch.tensor([2.0, 1.0, 0.0]), torch.tensor([1.0, 1.0, 0.0])  # class 2 not seen
+    assert focus_probs(sums, counts, None, 1.0) == pytest.approx([4 / 9, 2 / 9, 1 / 3])
+    assert focus_probs(sums, counts, None, 2.0) == pytest.approx([8 / 15, 2 / 15, 1 / 3])
+    assert focus_probs(sums, counts, [0.5, 0.3, 0.2], 0.0) == pytest.approx([0.4, 0.4, 0.2])  # F = 0: uniform
+    assert focus_probs(sums * 0, counts * 0, [0.5, 0.3, 0.2], 1.0) == [0.5, 0.3, 0.2]  # nothing seen: unchanged
+    nan = torch.tensor([float("nan"), 1.0, 1.0])
+    assert focus_probs(nan, torch.ones(3), None, 1.0) == pytest.approx([1 / 3, 1 / 3, 1 / 3])
+
+
+def test_draw_labels_follow_the_probabilities_and_the_seed():
+    probs = [0.7, 0.0, 0.3]
+    labels = draw_labels(probs, 20_000, seed=5)
+    assert torch.equal(labels, draw_labels(probs, 20_000, seed=5))
+    assert not torch.equal(labels, draw_labels(probs, 20_000, seed=6))
+    shares = torch.bincount(labels, minlength=3) / len(labels)
+    assert shares.tolist() == pytest.approx(probs, abs=0.015)
+
+
+def test_micro_batch_draws_classes_only_when_given_probabilities():
+    cfg = RunConfig(images=12, gen_batch=4, seed=1)
+    labels, seeds = micro_batch(cfg, 1, 3)
+    assert labels.tolist() == [1, 2, 0, 1]  # round-robin by image index
+    focused, same_seeds = micro_batch(cfg, 1, 3, [0.0, 0.0, 1.0])
+    assert focused.tolist() == [2, 2, 2, 2] and torch.equal(seeds, same_seeds)
+
+
+def test_class_focus_steers_the_classes_of_an_online_run(world, tmp_path, capsys):
+    def run(run_dir, *extra):
+        code, out, err = run_main(main, world.argv(run_dir, *extra), capsys)
+        assert code == 0, err
+        lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        return json.loads(out.strip().splitlines()[-1]), lines
+
+    summary, lines = run(tmp_path / "focus", "--class-focus", "4")
+    probs = [line["class_probs"] for line in lines]
+    assert all(sum(p) == pytest.approx(1.0, abs=1e-3) for p in probs)
+    assert max(probs[0]) > 0.2  # the first window already moved the shares away from uniform (0.1)
+    counts = summary["images_per_class"]
+    assert sum(counts) == pytest.approx(16) and counts != [2] * 6 + [1] * 4  # not the round-robin split
+    plain, plain_lines = run(tmp_path / "plain")
+    assert "images_per_class" not in plain and "class_probs" not in plain_lines[0]
+    offline, _ = run(tmp_path / "offline", "--class-focus", "4", "--schedule", "offline", "--no-cutmix")
+    assert offline["images_per_class"] == [2] * 6 + [1] * 4  # round-robin: no student trains while offline generates
