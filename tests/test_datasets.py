@@ -109,6 +109,24 @@ def test_evaluate_cli_prints_one_json_line(world, capsys):
     assert result["n"] == len(load_dataset("digits", "test")[0]) and result["arch"] == "convnet-w8"
 
 
+def test_evaluate_per_class_and_agreement(world, capsys):
+    argv = ["--checkpoint", str(world.teacher), "--dataset", "digits", "--per-class"]
+    code, out, err = run_main(evaluate.main, [*argv, "--agreement", str(world.teacher)], capsys)
+    assert code == 0, err
+    result = json.loads(out)
+    test_set, info = load_dataset("digits", "test")
+    counts = torch.bincount(test_set.labels, minlength=10).float()
+    per_class = torch.tensor(result["per_class_accuracy"])
+    assert (per_class * counts).sum() / counts.sum() == pytest.approx(result["accuracy"], abs=1e-3)
+    assert per_class.min() < per_class.max()  # the 30-step teacher is not equally good on every class
+    assert result["agreement"] == 1.0 and result["per_class_agreement"] == [1.0] * 10  # itself
+    code, out, err = run_main(evaluate.main, [*argv, "--agreement", str(world.nobn_teacher)], capsys)  # another net
+    other = json.loads(out)
+    assert code == 0 and other["agreement"] < 1.0 and min(other["per_class_agreement"]) < 1.0
+    code, _, err = run_main(evaluate.main, [*argv, "--agreement", "convnet-w8"], capsys)
+    assert code == 2 and "untrained architecture" in err
+
+
 def test_evaluate_cli_errors(world, capsys, tmp_path):
     code, out, err = run_main(evaluate.main, ["--checkpoint", "convnet-w8", "--dataset", "digits"], capsys)
     assert code == 2 and out == "" and err.startswith("error: ") and "untrained architecture" in err
