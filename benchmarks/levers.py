@@ -14,7 +14,8 @@ last; ``--replay-balance P`` draws with probability ∝ (1 + times drawn)^-P, ``
 the student steps for after the last image, ``--min-buffer`` waits for a deeper buffer before training. Each row
 reports the mean draws of the oldest and the newest tenth of the images beside its accuracy. The other levers:
 L_adv (off, offline with and without it, JS instead of KL), the sampler budget (25 steps guided every 2nd, a
-guidance ramp over the timesteps) and a grid around α, β, η.
+guidance ramp over the timesteps), a grid around α, β, η, and
+``--class-focus`` (the classes of new images follow the student's per-class KD loss; online only).
 
 ``--equal-compute`` runs each variant with the images that the baseline's counted FLOPs (``benchmarks.compute``) buy
 it at the same student steps, instead of ``--images``; each row records its image count and counted compute.
