@@ -20,17 +20,16 @@ where the real weak class (shirts) does not look hard, so it is off by default.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
+
+from losses import kd_kl_per_sample
 
 
 def class_kd_sums(student_logits: torch.Tensor, teacher_logits: torch.Tensor, targets: torch.Tensor,
                   temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per class: (Σ_i w_ik · τ²·KL_i, Σ_i w_ik), with w the (B, K) soft targets and KL_i the per-sample KD term
-    of ``losses.kd_kl``. Two (K,) device tensors (detached)."""
+    """Per class: (Σ_i w_ik · τ²·KL_i, Σ_i w_ik), with w the (B, K) soft targets and τ²·KL_i the per-sample KD term
+    (``losses.kd_kl_per_sample``). Two (K,) device tensors (detached)."""
     with torch.no_grad():
-        log_p_s = F.log_softmax(student_logits.float() / temperature, dim=1)
-        log_p_t = F.log_softmax(teacher_logits.float() / temperature, dim=1)
-        kl = temperature**2 * (log_p_t.exp() * (log_p_t - log_p_s)).sum(dim=1)  # (B,)
+        kl = kd_kl_per_sample(student_logits.float(), teacher_logits.float(), temperature)  # (B,)
         weights = targets.float()
         return weights.T @ kl, weights.sum(dim=0)
 
@@ -43,9 +42,8 @@ def focus_probs(sums: torch.Tensor, counts: torch.Tensor, previous: list[float] 
     seen = [i for i in range(k) if counts[i] > 0 and torch.isfinite(sums[i])]
     if not seen:
         return list(previous)
-    means = {i: max(float(sums[i] / counts[i]), 1e-12) for i in seen}
     mass = sum(previous[i] for i in seen)  # the share the seen classes had, redistributed among them
-    scores = {i: m**focus for i, m in means.items()}
+    scores = {i: max(float(sums[i] / counts[i]), 1e-12) ** focus for i in seen}
     total = sum(scores.values())
     return [mass * scores[i] / total if i in scores else previous[i] for i in range(k)]
 

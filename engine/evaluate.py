@@ -48,7 +48,12 @@ def accuracy(model: nn.Module, dataset: Dataset, info: DatasetInfo, batch_size: 
              mean=None, std=None, device: torch.device | str = "cpu") -> float:
     """Top-1 accuracy (a fraction) with the classifier's normalisation (``info``'s unless given)."""
     preds, labels = predictions(model, dataset, info, batch_size, mean, std, device)
-    return (preds == labels).sum().item() / max(len(labels), 1)
+    return fraction(preds == labels)
+
+
+def fraction(hits: torch.Tensor) -> float:
+    """The share of True in ``hits`` (0 for none)."""
+    return hits.sum().item() / max(len(hits), 1)
 
 
 def per_class(hits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> list[float | None]:
@@ -80,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     if resolved.checkpoint is None:
         raise UserError(f"'{spec}' names an untrained architecture; pass a checkpoint to evaluate")
     preds, labels = predictions(resolved.model, test_set, info, mean=resolved.mean, std=resolved.std)
-    result = {"accuracy": (preds == labels).sum().item() / max(len(labels), 1), "dataset": args.dataset,
+    result = {"accuracy": fraction(preds == labels), "dataset": args.dataset,
               "split": args.split, "n": len(test_set), "checkpoint": resolved.checkpoint, "arch": resolved.arch}
     if args.per_class:
         result["per_class_accuracy"] = per_class(preds == labels, labels, info.num_classes)
@@ -89,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         if other.checkpoint is None:
             raise UserError(f"--agreement '{args.agreement}' names an untrained architecture; pass a checkpoint")
         other_preds, _ = predictions(other.model, test_set, info, mean=other.mean, std=other.std)
-        result["agreement"] = (preds == other_preds).sum().item() / max(len(labels), 1)
+        result["agreement"] = fraction(preds == other_preds)
         if args.per_class:
             result["per_class_agreement"] = per_class(preds == other_preds, labels, info.num_classes)
     print(json.dumps(result))

@@ -3,7 +3,7 @@
 from losses.adversarial import DIVERGENCES, adversarial_loss
 from losses.bn_stats import BNStatHooks, bn_stat_distance
 from losses.class_prior import class_prior_loss
-from losses.kd_kl import kd_kl_loss
+from losses.kd_kl import kd_kl_loss, kd_kl_per_sample
 from losses.msarc import class_activation_map, msarc_loss, spatial_attention
 from losses.weighted_sum import WeightedSum
 
@@ -16,6 +16,7 @@ __all__ = [
     "class_activation_map",
     "class_prior_loss",
     "kd_kl_loss",
+    "kd_kl_per_sample",
     "msarc_loss",
     "spatial_attention",
 ]
