@@ -72,3 +72,31 @@ def test_class_focus_steers_the_classes_of_an_online_run(world, tmp_path, capsys
     assert "images_per_class" not in plain and "class_probs" not in plain_lines[0]
     offline, _ = run(tmp_path / "offline", "--class-focus", "4", "--schedule", "offline", "--no-cutmix")
     assert offline["images_per_class"] == [2] * 6 + [1] * 4  # round-robin: no student trains while offline generates
+
+
+# --- benchmarks.class_signals: which synthetic-image signal points at the real weak classes -------------------------
+def test_spearman_against_hand_computed_values():
+    from benchmarks.class_signals import spearman
+
+    assert spearman([1, 2, 3], [10, 20, 30]) == pytest.approx(1.0)
+    assert spearman([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
+    # ties get their mean rank: ranks (0, 1.5, 1.5, 3) and (0, 2, 1, 3) -> 4.5 / sqrt(4.5 * 5)
+    assert spearman([1, 2, 2, 4], [1, 3, 2, 4]) == pytest.approx(4.5 / math.sqrt(4.5 * 5))
+
+
+def test_class_signals_weight_each_image_by_its_soft_targets():
+    from benchmarks.class_signals import synthetic_signals
+
+    # the "images" are the logits themselves (identity models): the teacher is sure of class 0 on the first
+    # image and of class 1 on the second, a 50/50 CutMix; the student says class 1 on both
+    teacher_logits = torch.tensor([[2.0, 0.0], [0.0, 2.0]])
+    student_logits = torch.tensor([[0.0, 2.0], [0.0, 2.0]])
+    targets = torch.tensor([[1.0, 0.0], [0.5, 0.5]])
+    signals = synthetic_signals(torch.nn.Identity(), torch.nn.Identity(), (student_logits, teacher_logits), targets,
+                                tau=1.0)
+    sure, unsure = math.exp(2) / (1 + math.exp(2)), 1 / (1 + math.exp(2))
+    kl_first = (sure - unsure) * 2.0  # KL between the two mirrored distributions: (p - q)·ln(p/q), ln(p/q) = 2
+    assert signals["kd"] == pytest.approx([kl_first / 1.5, 0.0], abs=1e-5)  # class 0 has weight 1 + 0.5
+    assert signals["disagreement"] == pytest.approx([1 / 1.5, 0.0])
+    assert signals["teacher_margin"] == pytest.approx([sure - unsure] * 2, abs=1e-5)
+    assert signals["teacher_target_prob"] == pytest.approx([(sure + 0.25) / 1.5, 0.5], abs=1e-5)
