@@ -15,7 +15,8 @@ the student steps for after the last image, ``--min-buffer`` waits for a deeper 
 reports the mean draws of the oldest and the newest tenth of the images beside its accuracy. The other levers:
 L_adv (off, offline with and without it, JS instead of KL), the sampler budget (25 steps guided every 2nd, a
 guidance ramp over the timesteps), a grid around α, β, η, and
-``--class-focus`` (the classes of new images follow the student's per-class KD loss; online only).
+``--class-focus`` (the classes of new images follow the student's per-class KD loss; online only), and
+``--cls-boundary`` (L_cls aims each image partly at its nearest other class: images near the class boundary).
 
 ``--equal-compute`` runs each variant with the images that the baseline's counted FLOPs (``benchmarks.compute``) buy
 it at the same student steps, instead of ``--images``; each row records its image count and counted compute.
@@ -103,6 +104,11 @@ VARIANTS = {
     # 5. the classes of new images follow the student's per-class KD loss (engine/class_focus.py): beside L_adv, the
     # one way the generator reads the current student, so the one lever only the online schedule can have
     "class-focus-1": ["--class-focus", "1"], "class-focus-2": ["--class-focus", "2"],
+    # 6. images near the class boundary: L_cls's target puts 30% on each image's nearest other class (the guided
+    # prior's shirts are the fashion teacher's surest images, real shirts its least sure: class_signals_fashion.json);
+    # a generator-side lever, so offline gets it too
+    "cls-boundary-0.3": ["--cls-boundary", "0.3"],
+    "offline-cls-boundary-0.3": ["--schedule", "offline", "--cls-boundary", "0.3"],
 }
 
 

@@ -45,7 +45,7 @@ World = Literal["digits", "fashion"]
 # The guided step's settings, which --method dmkd (unguided prior samples) never reads, and the guided prior
 # sampler's, which --method deepinv (its own --deepinv-* weights and iterations) and --method real-kd (no generator)
 # never read.
-GUIDED_STEP_FIELDS = frozenset({"bn", "cls", "step_size", "guidance_ramp", "guide_every"})
+GUIDED_STEP_FIELDS = frozenset({"bn", "cls", "cls_boundary", "step_size", "guidance_ramp", "guide_every"})
 PRIOR_SAMPLER_FIELDS = GUIDED_STEP_FIELDS | {"sampler_steps"}
 # Read only while an online run is still making images (see reads_online_schedule).
 ONLINE_SCHEDULE_FIELDS = frozenset({"kd_tail", "class_focus"})
@@ -100,6 +100,9 @@ class RunConfig:
     bn: float = opt(2.0, "α: weight of the BN-statistics loss (2.0 since 2026-12-05, was 0.1, then 1.0; --world "
                        "fashion: 0.25 since 2026-12-05; BENCHMARKS.md: levers)")
     cls: float = opt(10.0, "β: weight of the class-prior cross-entropy")
+    cls_boundary: float = opt(0.0, "s: L_cls's target puts this share on each image's nearest other class (the "
+                              "teacher's top class outside its label, per step): images near the class boundary "
+                              "(0 = the label alone; losses/class_prior.py)")
     adv: float = opt(1.0, "γ: weight of the adversarial loss (after --adv-warmup-images images)")
     step_size: float = opt(0.1, "η: latent step per timestep (per sample: the gradient is scaled by the batch size; "
                            "--world fashion: 0.05 since 2026-12-06)")
@@ -221,6 +224,9 @@ class RunConfig:
                 raise UserError(f"--{name.replace('_', '-')} must be >= 0 (got {getattr(cfg, name)})")
         if cfg.tau <= 0 or cfg.guidance_scale <= 0 or cfg.cutmix_beta <= 0:
             raise UserError("--tau, --guidance-scale and --cutmix-beta must be positive")
+        if not 0 <= cfg.cls_boundary < 1:
+            raise UserError(f"--cls-boundary must lie in [0, 1) (got {cfg.cls_boundary}): the share of the target "
+                            "moved to the nearest other class")
         if not 0 <= cfg.guidance_ramp <= 1:
             raise UserError(f"--guidance-ramp must lie in [0, 1] (got {cfg.guidance_ramp}): η·(1 ± ρ) stays >= 0")
         if not 0 <= cfg.kd_tail < 1:

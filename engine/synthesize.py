@@ -48,9 +48,9 @@ log = logging.getLogger("engine.synthesize")
 # The RunConfig fields that concern synthesis; adv is left out (there is no student to be adversarial to).
 SYNTHESIS_FIELDS = (
     "images", "seed", "method", "world", "teacher", "teacher_arch", "prior", "dataset", "data_root", "class_map",
-    "prompt_template", "class_free_prompt", "bn", "cls", "step_size", "guidance_scale", "sampler_steps", "scheduler",
-    "grad_mode", "reuse_eps", "guide_every", "max_step_rms", "first_bn_multiplier", "cutmix_every", "cutmix_beta",
-    "cutmix_prob",
+    "prompt_template", "class_free_prompt", "bn", "cls", "cls_boundary", "step_size", "guidance_scale",
+    "sampler_steps", "scheduler", "grad_mode", "reuse_eps", "guide_every", "max_step_rms", "first_bn_multiplier",
+    "cutmix_every", "cutmix_beta", "cutmix_prob",
     "repair_steps", "repair_band", "gen_batch", "grad_chunk", "grad_checkpointing", "use_bn", "use_cls", "use_cutmix",
     "use_inpaint", "device", "overwrite",
 )

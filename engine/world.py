@@ -47,8 +47,8 @@ def guidance_config(cfg: RunConfig, device: torch.device | str = "cpu") -> Guida
     if guided_pass == "auto":  # one big graph pays on a GPU; on CPU the per-micro-batch graphs are faster
         guided_pass = "pool" if torch.device(device).type == "cuda" else "micro-batch"
     return GuidanceConfig(
-        bn=cfg.bn, cls=cfg.cls, adv=0.0, step_size=cfg.step_size, guidance_ramp=cfg.guidance_ramp,
-        guidance_scale=cfg.guidance_scale,
+        bn=cfg.bn, cls=cfg.cls, cls_boundary=cfg.cls_boundary, adv=0.0, step_size=cfg.step_size,
+        guidance_ramp=cfg.guidance_ramp, guidance_scale=cfg.guidance_scale,
         steps=cfg.sampler_steps, grad_mode=cfg.grad_mode, recompute_eps=not cfg.reuse_eps,
         guide_every=cfg.guide_every, max_step_rms=cfg.max_step_rms, first_bn_multiplier=cfg.first_bn_multiplier,
         divergence=cfg.divergence,

@@ -2,7 +2,7 @@
 
 from losses.adversarial import DIVERGENCES, adversarial_loss
 from losses.bn_stats import BNStatHooks, bn_stat_distance
-from losses.class_prior import class_prior_loss
+from losses.class_prior import boundary_targets, class_prior_loss
 from losses.kd_kl import kd_kl_loss, kd_kl_per_sample
 from losses.msarc import class_activation_map, msarc_loss, spatial_attention
 from losses.weighted_sum import WeightedSum
@@ -13,6 +13,7 @@ __all__ = [
     "WeightedSum",
     "adversarial_loss",
     "bn_stat_distance",
+    "boundary_targets",
     "class_activation_map",
     "class_prior_loss",
     "kd_kl_loss",

@@ -98,6 +98,7 @@ def test_unknown_or_ill_typed_flags_exit_2(argv, capsys):
     (["--tau", "0"], "--tau"),
     (["--kd-tail", "1"], "--kd-tail must lie in"),
     (["--guidance-ramp", "1.5"], "--guidance-ramp must lie in"),
+    (["--cls-boundary", "1"], "--cls-boundary must lie in"),
     (["--replay-balance", "-1"], "--replay-balance must be >= 0"),
     (["--resume", "--overwrite"], "contradict"),
 ])
@@ -126,3 +127,10 @@ def test_dry_run_and_flag_errors_from_the_command_line():
     done = subprocess.run([sys.executable, "-m", "engine.run", "--images", "abc"], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and "invalid int value" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_guidance_config_carries_the_class_boundary_share():
+    from engine.world import guidance_config
+
+    assert guidance_config(RunConfig()).cls_boundary == 0.0
+    assert guidance_config(RunConfig(cls_boundary=0.3)).cls_boundary == 0.3

@@ -13,6 +13,7 @@ from losses import (
     WeightedSum,
     adversarial_loss,
     bn_stat_distance,
+    boundary_targets,
     class_activation_map,
     class_prior_loss,
     kd_kl_loss,
@@ -188,6 +189,21 @@ def test_class_prior_soft_labels_are_lambda_weighted_ces():
         + 0.6 * cross_entropy(LOGITS[1], 2)
     ) / 2
     assert class_prior_loss(torch.tensor(LOGITS), weights).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_class_prior_boundary_moves_a_share_onto_the_nearest_other_class():
+    # sample 0 (class 1): of the other classes 0 (logit 1) and 2 (logit 0), class 0 is nearest;
+    # sample 1 (class 2): of 0 (0.5) and 1 (−1), class 0 again
+    expected = (0.7 * cross_entropy(LOGITS[0], 1) + 0.3 * cross_entropy(LOGITS[0], 0)
+                + 0.7 * cross_entropy(LOGITS[1], 2) + 0.3 * cross_entropy(LOGITS[1], 0)) / 2
+    loss = class_prior_loss(torch.tensor(LOGITS), torch.tensor([1, 2]), boundary=0.3)
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+    # CutMix targets: the nearest class is sought outside both labelled classes (class 2 for sample 0, 0 for 1)
+    weights = torch.tensor([[0.3, 0.7, 0.0], [0.0, 0.4, 0.6]])
+    targets = boundary_targets(weights, torch.tensor(LOGITS), 0.2)
+    assert torch.allclose(targets, torch.tensor([[0.24, 0.56, 0.2], [0.2, 0.32, 0.48]]))
+    assert class_prior_loss(torch.tensor(LOGITS), weights, boundary=0.0).item() == pytest.approx(
+        class_prior_loss(torch.tensor(LOGITS), weights).item())
 
 
 def test_class_prior_rejects_bad_shapes():
@@ -369,6 +385,7 @@ def test_every_loss_finite_and_differentiable():
         "bn": (bn_loss, (torch.randn(2, 2, 2, 2, **kw),)),
         "cls_int": (lambda z: class_prior_loss(z, labels), (t_logits,)),
         "cls_soft": (lambda z: class_prior_loss(z, soft), (t_logits,)),
+        "cls_boundary": (lambda z: class_prior_loss(z, soft, boundary=0.3), (t_logits,)),
         "adv_kl": (lambda t, s: adversarial_loss(t, s, "kl"), (t_logits, s_logits)),
         "adv_js": (lambda t, s: adversarial_loss(t, s, "js"), (t_logits, s_logits)),
         "kd": (lambda s: kd_kl_loss(s, t_logits, 4.0), (s_logits,)),

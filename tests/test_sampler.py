@@ -134,6 +134,26 @@ def test_one_guided_step_equals_the_hand_computed_update(pixel_folder, prior, te
     torch.testing.assert_close(batch.last_terms["cls"] * beta, loss.detach(), atol=1e-5, rtol=1e-5)
 
 
+def test_cls_boundary_moves_the_guided_class_target_towards_the_nearest_other_class(prior, teacher, view):
+    labels, seeds = torch.tensor([0, 2, 1]), torch.tensor([3, 4, 5])
+    seen = []  # the teacher's logits in the guided pass (the first teacher call of the step)
+    handle = teacher.register_forward_hook(lambda module, args, out: seen.append(out.detach().clone()))
+    plain = make_sampler(prior, teacher, view)
+    plain_batch = plain.start(labels, seeds)
+    plain.step(plain_batch)
+    handle.remove()
+    boundary = make_sampler(prior, teacher, view, cls_boundary=0.3)
+    boundary_batch = boundary.start(labels, seeds)
+    boundary.step(boundary_batch)  # same start, so the same teacher logits in its guided pass
+
+    logits = seen[0]
+    nearest = logits.masked_fill(F.one_hot(labels, len(CLASSES)).bool(), float("-inf")).argmax(1)
+    expected = 0.7 * F.cross_entropy(logits, labels) + 0.3 * F.cross_entropy(logits, nearest)
+    torch.testing.assert_close(plain_batch.last_terms["cls"], F.cross_entropy(logits, labels), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(boundary_batch.last_terms["cls"], expected, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(boundary_batch.z, plain_batch.z)
+
+
 def test_bn_term_is_live_on_every_guided_step(prior, teacher, view):
     """Regression: the BN hooks used to be removed after the first step, so L_bn was silently 0 afterwards."""
     sampler = make_sampler(prior, teacher, view, bn=1.0, cls=0.0, steps=3)

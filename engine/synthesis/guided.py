@@ -43,6 +43,7 @@ from models.priors import SCHEDULERS
 class GuidanceConfig:
     bn: float = 2.0  # α, BN-statistics weight (the engine default; was 0.1, then 1.0 until 2026-12-05)
     cls: float = 10.0  # β, class-prior weight
+    cls_boundary: float = 0.0  # s: share of L_cls's target on the nearest other class (losses/class_prior.py)
     adv: float = 0.0  # γ, adversarial weight (the engine turns it on after its warm-up)
     step_size: float = 0.1  # η, per-sample latent step (the gradient is scaled by the batch size)
     guidance_ramp: float = 0.0  # ρ: η·(1 − ρ) at the noisiest step rising linearly to η·(1 + ρ) at the last
@@ -324,7 +325,7 @@ class GuidedSampler:
         for g, rows in enumerate(groups):
             terms = {"bn": bn_terms[g]} if "bn" in active else {}
             if "cls" in active:
-                terms["cls"] = class_prior_loss(teacher_logits[rows], label_weights[rows])
+                terms["cls"] = class_prior_loss(teacher_logits[rows], label_weights[rows], cfg.cls_boundary)
             if "adv" in active and student_logits is not None:
                 terms["adv"] = adversarial_loss(teacher_logits[rows], student_logits[rows], divergence=cfg.divergence)
             elif "adv" in active:
