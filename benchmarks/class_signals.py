@@ -1,17 +1,22 @@
 """Which per-class signal, read on the synthetic images, finds the classes where the student disagrees with its
 teacher on *real* images? (issue 16, lever 5: what a class focus should read.)
 
-    python -m benchmarks.class_signals --run RUN [RUN ...] --dataset fashion-mnist --teacher fashion \
-        --out benchmarks/results/class_signals_fashion.json
+    python -m benchmarks.class_signals --run RUN [RUN ...] [--synthetic DIR ...] --dataset fashion-mnist \
+        --teacher fashion --out benchmarks/results/class_signals_fashion.json
 
 Each RUN is a finished run directory made with ``--export`` (``RUN/synthetic/labels.pt`` and its PNGs, and
-``RUN/student.safetensors``). Per class k, over the exported images weighted by their soft targets w_ik (a CutMix
-image counts for both its classes), on the images as exported (no augmentation):
+``RUN/student.safetensors``); each DIR an ``engine.synthesize --out`` folder (no student: the teacher's signals
+only). Per class k, over the exported images weighted by their soft targets w_ik (a CutMix image counts for both
+its classes), on the images as exported (no augmentation):
 
 * ``kd``: the student's mean distillation loss τ²·KL(p_T^τ ‖ p_S^τ), what ``--class-focus`` reads;
 * ``disagreement``: how often the student's top class differs from the teacher's;
 * ``teacher_margin``: the teacher's mean top-1 minus top-2 probability (low: the teacher finds the image ambiguous);
-* ``teacher_target_prob``: the teacher's mean probability of the image's target class.
+* ``teacher_target_prob``: the teacher's mean probability of the image's target class;
+* ``teacher_label_agreement``: how often the teacher's top class is the image's (main) label.
+
+``real_test_teacher`` holds the teacher's own three signals on the real test images, by true class: what the
+synthetic images' teacher signals would look like if they were distributed like the real ones.
 
 Beside them, on the real test split (which the method never sees; here only to judge the signals): the student's
 per-class disagreement with the teacher. Each signal's Spearman rank correlation with that real disagreement says
@@ -58,29 +63,33 @@ def spearman(a: list[float], b: list[float]) -> float:
 
 
 @torch.no_grad()
-def synthetic_signals(student, teacher, images: torch.Tensor, targets: torch.Tensor, tau: float
-                      ) -> dict[str, list[float]]:
-    """Per class, the target-weighted mean of each signal over ``images`` (already normalised per model: a pair)."""
+def synthetic_signals(student, teacher, images: tuple, targets: torch.Tensor, tau: float) -> dict[str, list[float]]:
+    """Per class, the target-weighted mean of each signal over the images (a pair of inputs, each normalised for
+    its model; ``student`` None: the teacher's signals alone)."""
     student_in, teacher_in = images
-    s_logits, t_logits = student(student_in), teacher(teacher_in)
+    t_logits = teacher(teacher_in)
     t_probs = t_logits.softmax(1)
     top2 = t_probs.topk(2, dim=1).values
     per_sample = {
-        "kd": kd_kl_per_sample(s_logits, t_logits, tau),
-        "disagreement": (s_logits.argmax(1) != t_logits.argmax(1)).float(),
         "teacher_margin": top2[:, 0] - top2[:, 1],
         "teacher_target_prob": (t_probs * targets).sum(1) / targets.sum(1),
+        "teacher_label_agreement": (t_logits.argmax(1) == targets.argmax(1)).float(),
     }
+    if student is not None:
+        s_logits = student(student_in)
+        per_sample["kd"] = kd_kl_per_sample(s_logits, t_logits, tau)
+        per_sample["disagreement"] = (s_logits.argmax(1) != t_logits.argmax(1)).float()
     weights = targets.float()
     mass = weights.sum(0).clamp_min(1e-12)
     return {name: ((weights.T @ value) / mass).tolist() for name, value in per_sample.items()}
 
 
-def load_export(run: Path, channels: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The exported images (N, C, H, W) in [0, 1] and their soft targets (N, K)."""
-    labels = torch.load(run / "synthetic" / "labels.pt", weights_only=True)
+def load_export(folder: Path, channels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The images (N, C, H, W) in [0, 1] and soft targets (N, K) of an ImageFolder export (``RUN/synthetic`` of
+    ``engine.run --export``, or an ``engine.synthesize --out`` folder)."""
+    labels = torch.load(folder / "labels.pt", weights_only=True)
     mode = ImageReadMode.GRAY if channels == 1 else ImageReadMode.RGB
-    images = torch.stack([read_image(str(run / "synthetic" / f), mode) for f in labels["files"]]).float() / 255
+    images = torch.stack([read_image(str(folder / f), mode) for f in labels["files"]]).float() / 255
     return images, labels["targets"].float()
 
 
@@ -91,8 +100,10 @@ def normalised(images: torch.Tensor, spec) -> torch.Tensor:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--run", type=Path, nargs="+", required=True, help="finished run directories made with "
+    parser.add_argument("--run", type=Path, nargs="*", default=[], help="finished run directories made with "
                         "--export")
+    parser.add_argument("--synthetic", type=Path, nargs="*", default=[], help="engine.synthesize --out folders: the "
+                        "teacher's signals alone")
     parser.add_argument("--dataset", default="fashion-mnist")
     parser.add_argument("--teacher", default="fashion")
     parser.add_argument("--tau", type=float, default=4.0)
@@ -103,11 +114,14 @@ def main(argv: list[str] | None = None) -> int:
     teacher = resolve_classifier(args.teacher, info)
     teacher.model.eval()
     teacher_preds, labels = predictions(teacher.model, test_set, info, mean=teacher.mean, std=teacher.std)
+    real_images = test_set.images.float() / 255  # the teacher's own signals on real images, by true class
+    real = synthetic_signals(None, teacher.model, (None, normalised(real_images, teacher)),
+                             torch.nn.functional.one_hot(labels, info.num_classes).float(), args.tau)
     rows = []
     for run in args.run:
         student = resolve_classifier(str(run / "student.safetensors"), info)
         student.model.eval()
-        images, targets = load_export(run, info.channels)
+        images, targets = load_export(run / "synthetic", info.channels)
 
         inputs = (normalised(images, student), normalised(images, teacher))
         signals = synthetic_signals(student.model, teacher.model, inputs, targets, args.tau)
@@ -122,8 +136,15 @@ def main(argv: list[str] | None = None) -> int:
                      **{name: [round(v, 4) for v in values] for name, values in signals.items()},
                      "spearman_with_real_disagreement": correlation})
         print(run, correlation, flush=True)
+    for folder in args.synthetic:
+        images, targets = load_export(folder, info.channels)
+        signals = synthetic_signals(None, teacher.model, (None, normalised(images, teacher)), targets, args.tau)
+        rows.append({"synthetic": str(folder), "images_per_class": [round(v, 1) for v in targets.sum(0).tolist()],
+                     **{name: [round(v, 4) for v in values] for name, values in signals.items()}})
     write_results(run_metadata("benchmarks.class_signals", argv) | {
-        "class_names": list(info.class_names), "teacher": args.teacher, "tau": args.tau, "rows": rows}, args.out)
+        "class_names": list(info.class_names), "teacher": args.teacher, "tau": args.tau,
+        "real_test_teacher": {name: [round(v, 4) for v in values] for name, values in real.items()},
+        "rows": rows}, args.out)
     return 0
 
 
