@@ -15,6 +15,9 @@ its classes), on the images as exported (no augmentation):
 * ``teacher_target_prob``: the teacher's mean probability of the image's target class;
 * ``teacher_label_agreement``: how often the teacher's top class is the image's (main) label.
 
+Each signal also comes as ``NAME_unmixed``: over the images that no CutMix touched (one-hot targets) alone, since a
+mixed image is ambiguous by construction and lowers every teacher signal.
+
 ``real_test_teacher`` holds the teacher's own three signals on the real test images, by true class: what the
 synthetic images' teacher signals would look like if they were distributed like the real ones.
 
@@ -80,8 +83,12 @@ def synthetic_signals(student, teacher, images: tuple, targets: torch.Tensor, ta
         per_sample["kd"] = kd_kl_per_sample(s_logits, t_logits, tau)
         per_sample["disagreement"] = (s_logits.argmax(1) != t_logits.argmax(1)).float()
     weights = targets.float()
-    mass = weights.sum(0).clamp_min(1e-12)
-    return {name: ((weights.T @ value) / mass).tolist() for name, value in per_sample.items()}
+    unmixed = weights * (weights.max(dim=1, keepdim=True).values > 0.999)  # one-hot rows: no CutMix
+    out = {}
+    for suffix, w in (("", weights), ("_unmixed", unmixed)):
+        mass = w.sum(0).clamp_min(1e-12)
+        out |= {name + suffix: ((w.T @ value) / mass).tolist() for name, value in per_sample.items()}
+    return out
 
 
 def load_export(folder: Path, channels: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -128,8 +135,8 @@ def main(argv: list[str] | None = None) -> int:
         student_preds, _ = predictions(student.model, test_set, info, mean=student.mean, std=student.std)
         real_disagreement = [None if a is None else round(1 - a, 4)
                              for a in per_class(student_preds == teacher_preds, labels, info.num_classes)]
-        correlation = {name: round((-1 if name in LOW_MEANS_HARD else 1) * spearman(values, real_disagreement), 3)
-                       for name, values in signals.items()}
+        correlation = {name: round((-1 if name.removesuffix("_unmixed") in LOW_MEANS_HARD else 1)
+                                   * spearman(values, real_disagreement), 3) for name, values in signals.items()}
         rows.append({"run": str(run), "images_per_class": [round(v, 1) for v in targets.sum(0).tolist()],
                      "real_disagreement": real_disagreement,
                      "real_accuracy": per_class(student_preds == labels, labels, info.num_classes),

@@ -102,5 +102,7 @@ def test_class_signals_weight_each_image_by_its_soft_targets():
     assert signals["teacher_target_prob"] == pytest.approx([(sure + 0.25) / 1.5, 0.5], abs=1e-5)
     assert signals["teacher_label_agreement"] == pytest.approx([1 / 1.5, 0.0])  # image 2's main label: class 0
     teacher_only = synthetic_signals(None, torch.nn.Identity(), (None, teacher_logits), targets, tau=1.0)
-    assert set(teacher_only) == {"teacher_margin", "teacher_target_prob", "teacher_label_agreement"}
+    names = ("teacher_margin", "teacher_target_prob", "teacher_label_agreement")
+    assert set(teacher_only) == {name + suffix for name in names for suffix in ("", "_unmixed")}
+    assert signals["disagreement_unmixed"] == pytest.approx([1.0, 0.0])  # the CutMix image left out
     assert teacher_only["teacher_margin"] == signals["teacher_margin"]
