@@ -23,8 +23,8 @@ synthetic images' teacher signals would look like if they were distributed like 
 
 Beside them, on the real test split (which the method never sees; here only to judge the signals): the student's
 per-class disagreement with the teacher. Each signal's Spearman rank correlation with that real disagreement says
-how well it would point a class focus at the real weak classes (+1: same order; for the margin and the target
-probability, low values should mean hard classes, so their correlation is taken with the sign flipped).
+how well it would point a class focus at the real weak classes (+1: same order; for the teacher's three signals,
+low values should mean hard classes, so their correlation is taken with the sign flipped).
 """
 
 from __future__ import annotations
@@ -41,12 +41,15 @@ from engine.datasets import load_dataset
 from engine.evaluate import per_class, predictions
 from losses import kd_kl_per_sample
 
-SIGNALS = ("kd", "disagreement", "teacher_margin", "teacher_target_prob")
-LOW_MEANS_HARD = {"teacher_margin", "teacher_target_prob"}
+LOW_MEANS_HARD = {"teacher_margin", "teacher_target_prob", "teacher_label_agreement"}
 
 
 def spearman(a: list[float], b: list[float]) -> float:
-    """Spearman's rank correlation of two equal-length lists (ties get their mean rank)."""
+    """Spearman's rank correlation of two equal-length lists (ties get their mean rank; pairs with a None are left
+    out)."""
+    kept = [i for i in range(len(a)) if a[i] is not None and b[i] is not None]
+    a, b = [a[i] for i in kept], [b[i] for i in kept]
+
     def ranks(values):
         order = sorted(range(len(values)), key=lambda i: values[i])
         out = [0.0] * len(values)
@@ -86,8 +89,9 @@ def synthetic_signals(student, teacher, images: tuple, targets: torch.Tensor, ta
     unmixed = weights * (weights.max(dim=1, keepdim=True).values > 0.999)  # one-hot rows: no CutMix
     out = {}
     for suffix, w in (("", weights), ("_unmixed", unmixed)):
-        mass = w.sum(0).clamp_min(1e-12)
-        out |= {name + suffix: ((w.T @ value) / mass).tolist() for name, value in per_sample.items()}
+        mass = w.sum(0)
+        for name, value in per_sample.items():  # None for a class without images
+            out[name + suffix] = [m if n > 0 else None for m, n in zip(((w.T @ value) / mass).tolist(), mass.tolist())]
     return out
 
 
@@ -98,6 +102,10 @@ def load_export(folder: Path, channels: int) -> tuple[torch.Tensor, torch.Tensor
     mode = ImageReadMode.GRAY if channels == 1 else ImageReadMode.RGB
     images = torch.stack([read_image(str(folder / f), mode) for f in labels["files"]]).float() / 255
     return images, labels["targets"].float()
+
+
+def rounded(values: list) -> list:
+    return [None if v is None else round(v, 4) for v in values]
 
 
 def normalised(images: torch.Tensor, spec) -> torch.Tensor:
@@ -140,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append({"run": str(run), "images_per_class": [round(v, 1) for v in targets.sum(0).tolist()],
                      "real_disagreement": real_disagreement,
                      "real_accuracy": per_class(student_preds == labels, labels, info.num_classes),
-                     **{name: [round(v, 4) for v in values] for name, values in signals.items()},
+                     **{name: rounded(values) for name, values in signals.items()},
                      "spearman_with_real_disagreement": correlation})
         print(run, correlation, flush=True)
     for folder in args.synthetic:
@@ -150,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
                      **{name: [round(v, 4) for v in values] for name, values in signals.items()}})
     write_results(run_metadata("benchmarks.class_signals", argv) | {
         "class_names": list(info.class_names), "teacher": args.teacher, "tau": args.tau,
-        "real_test_teacher": {name: [round(v, 4) for v in values] for name, values in real.items()},
+        "real_test_teacher": {name: rounded(values) for name, values in real.items()},
         "rows": rows}, args.out)
     return 0
 

@@ -82,6 +82,7 @@ def test_spearman_against_hand_computed_values():
     assert spearman([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
     # ties get their mean rank: ranks (0, 1.5, 1.5, 3) and (0, 2, 1, 3) -> 4.5 / sqrt(4.5 * 5)
     assert spearman([1, 2, 2, 4], [1, 3, 2, 4]) == pytest.approx(4.5 / math.sqrt(4.5 * 5))
+    assert spearman([1, None, 2, 3], [1, 5, 2, 3]) == pytest.approx(1.0)  # a class without images is left out
 
 
 def test_class_signals_weight_each_image_by_its_soft_targets():
@@ -104,5 +105,6 @@ def test_class_signals_weight_each_image_by_its_soft_targets():
     teacher_only = synthetic_signals(None, torch.nn.Identity(), (None, teacher_logits), targets, tau=1.0)
     names = ("teacher_margin", "teacher_target_prob", "teacher_label_agreement")
     assert set(teacher_only) == {name + suffix for name in names for suffix in ("", "_unmixed")}
-    assert signals["disagreement_unmixed"] == pytest.approx([1.0, 0.0])  # the CutMix image left out
+    assert signals["disagreement_unmixed"][0] == pytest.approx(1.0)  # the CutMix image left out ...
+    assert signals["disagreement_unmixed"][1] is None  # ... and with it class 1's only image
     assert teacher_only["teacher_margin"] == signals["teacher_margin"]
