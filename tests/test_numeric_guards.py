@@ -97,11 +97,11 @@ def test_a_run_with_non_finite_steps_completes_and_counts_them(world, tmp_path, 
     real_cls = engine.synthesis.guided.class_prior_loss
     cls_calls = [0]
 
-    def nan_for_sample_0_once(logits, targets):
+    def nan_for_sample_0_once(logits, targets, boundary=0.0):
         cls_calls[0] += 1
         if cls_calls[0] == 1:
             logits = logits + torch.zeros_like(logits).index_fill(0, torch.tensor([0]), float("nan"))
-        return real_cls(logits, targets)
+        return real_cls(logits, targets, boundary)
 
     monkeypatch.setattr(engine.synthesis.guided, "class_prior_loss", nan_for_sample_0_once)
     run_dir = tmp_path / "run"
