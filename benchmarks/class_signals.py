@@ -105,6 +105,7 @@ def load_export(folder: Path, channels: int) -> tuple[torch.Tensor, torch.Tensor
 
 
 def rounded(values: list) -> list:
+    """Per-class values to 4 decimals, a class without images staying None."""
     return [None if v is None else round(v, 4) for v in values]
 
 
@@ -155,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         images, targets = load_export(folder, info.channels)
         signals = synthetic_signals(None, teacher.model, (None, normalised(images, teacher)), targets, args.tau)
         rows.append({"synthetic": str(folder), "images_per_class": [round(v, 1) for v in targets.sum(0).tolist()],
-                     **{name: [round(v, 4) for v in values] for name, values in signals.items()}})
+                     **{name: rounded(values) for name, values in signals.items()}})
     write_results(run_metadata("benchmarks.class_signals", argv) | {
         "class_names": list(info.class_names), "teacher": args.teacher, "tau": args.tau,
         "real_test_teacher": {name: rounded(values) for name, values in real.items()},
