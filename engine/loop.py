@@ -470,7 +470,9 @@ def log_metrics(cfg, state, window, buffer, world, student, outputs: RunOutputs,
     if "class_kd" in window:  # --class-focus: the window's per-class loss sets the classes of the next micro-batches
         sums, weights = accelerator.reduce(window["class_kd"].clone(), "sum").cpu()
         state.class_probs = focus_probs(sums, weights, state.class_probs, cfg.class_focus)
-        line["class_probs"] = [round(p, 4) for p in state.class_probs]
+        line["class_kd"] = [round(float(s / w), 6) if w > 0 and torch.isfinite(s) else None
+                            for s, w in zip(sums, weights)]  # what the shares read; None: class not seen
+        line["class_probs"] = [round(p, 6) for p in state.class_probs]
         window["class_kd"].zero_()
     window["skipped"].zero_()  # window["inv"] stays: a line with no guided step since the last repeats its terms
     line["skipped_latent_steps"] = state.skipped_latent_steps

@@ -62,10 +62,20 @@ def test_class_focus_steers_the_classes_of_an_online_run(world, tmp_path, capsys
         lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
         return json.loads(out.strip().splitlines()[-1]), lines
 
-    summary, lines = run(tmp_path / "focus", "--class-focus", "4")
+    summary, lines = run(tmp_path / "focus", "--class-focus", "4", "--batch-size", "2", "--log-every", "1")
     probs = [line["class_probs"] for line in lines]
     assert all(sum(p) == pytest.approx(1.0, abs=1e-3) for p in probs)
-    assert max(probs[0]) > 0.2  # the first window already moved the shares away from uniform (0.1)
+    assert max(max(p) for p in probs) > 0.2  # the student's loss moved the shares away from uniform (0.1)
+    previous = None  # each line's shares follow from its window's per-class loss and the line before's shares
+    for line in lines:
+        kd = line["class_kd"]
+        sums = torch.tensor([0.0 if x is None else x for x in kd], dtype=torch.float64)
+        counts = torch.tensor([0.0 if x is None else 1.0 for x in kd], dtype=torch.float64)
+        assert line["class_probs"] == pytest.approx(focus_probs(sums, counts, previous, 4.0), abs=1e-5)
+        previous = line["class_probs"]
+    # a window that leaves out a class seen before: its share carries over (not reset to uniform)
+    assert any(None in now["class_kd"] and before["class_probs"] != [0.1] * 10
+               for before, now in zip(lines, lines[1:]))
     counts = summary["images_per_class"]
     assert sum(counts) == pytest.approx(16) and counts != [2] * 6 + [1] * 4  # not the round-robin split
     plain, plain_lines = run(tmp_path / "plain")
