@@ -32,14 +32,16 @@ MAX_IMAGES = 10_000_000
 # So is the replay tail (BENCHMARKS.md "The fashion world's replay tail changed"): digits --kd-tail 0.5 since
 # 2026-12-06 (0 before); fashion 0.75 since later that day (0 before, then 0.5 for a few hours).
 # So is η, the latent step (BENCHMARKS.md "The fashion world's latent step changed"): fashion 0.05 since 2026-12-06
-# late (0.1 before, digits' value).
+# late (0.1 before, digits' value). So is the boundary push (BENCHMARKS.md "The fashion world's class target
+# changed"): fashion --cls-boundary 0.1 since 2026-12-07 (0 before); digits 0.
 WORLDS: dict[str, dict[str, str | float]] = {
     "digits": {"teacher": "default", "prior": "default", "dataset": "mnist", "student": "convnet2-w16",
                "real_split": "train", "bn": 2.0, "step_size": 0.1, "sampler_steps": 25, "guide_every": 2,
-               "kd_tail": 0.5},
+               "kd_tail": 0.5, "cls_boundary": 0.0},
     "fashion": {"teacher": "fashion", "prior": "fashion", "dataset": "fashion-mnist", "student": "convnet2-w16",
                 "real_split": "half-a",  # real-data KD draws from the teacher's half, never the prior's
-                "bn": 0.25, "step_size": 0.05, "sampler_steps": 15, "guide_every": 1, "kd_tail": 0.75},
+                "bn": 0.25, "step_size": 0.05, "sampler_steps": 15, "guide_every": 1, "kd_tail": 0.75,
+                "cls_boundary": 0.1},
 }
 World = Literal["digits", "fashion"]
 # The guided step's settings, which --method dmkd (unguided prior samples) never reads, and the guided prior
@@ -262,6 +264,8 @@ class RunConfig:
         cfg.bn, cfg.cls, cfg.adv = (cfg.bn * cfg.use_bn, cfg.cls * cfg.use_cls, cfg.adv * cfg.use_adv)
         cfg.deepinv_bn, cfg.deepinv_cls = cfg.deepinv_bn * cfg.use_bn, cfg.deepinv_cls * cfg.use_cls
         cfg.msarc *= cfg.use_msarc
+        if not cfg.cls:  # the boundary share moves L_cls's target: without L_cls it has nothing to move
+            cfg.cls_boundary = 0.0
         if not cfg.use_cutmix:
             cfg.cutmix_every = 0
         if not cfg.use_inpaint or not cfg.cutmix_every:

@@ -125,6 +125,23 @@ def test_the_latent_step_is_per_world_and_an_explicit_step_size_wins():
     assert eta("--world", "fashion", "--step-size", "0.1") == eta("--step-size", "0.1", "--world", "fashion") == 0.1
 
 
+def test_the_boundary_share_is_per_world_and_read_only_with_the_class_prior():
+    """s (--cls-boundary) differs by world (fashion 0.1, digits 0: BENCHMARKS.md "The fashion world's class target
+    changed"); online and offline read the same value; without L_cls (β = 0, --no-cls, DM-KD, real-data KD) it has
+    no target to move and resolves to 0."""
+    from engine.synthesis.guided import GuidanceConfig
+
+    def share(*argv):
+        return parse_config(list(argv)).resolved().cls_boundary
+
+    assert share() == share("--world", "digits") == GuidanceConfig().cls_boundary == 0.0
+    assert share("--world", "fashion") == share("--world", "fashion", "--schedule", "offline") == 0.1
+    explicit = share("--world", "fashion", "--cls-boundary", "0"), share("--cls-boundary", "0", "--world", "fashion")
+    assert explicit == (0.0, 0.0)
+    for argv in (["--cls", "0"], ["--no-cls"], ["--method", "dmkd"], ["--method", "real-kd"]):
+        assert share("--world", "fashion", *argv) == 0.0, argv
+
+
 def test_sampler_budget_is_per_world_and_explicit_flags_win():
     """Digits samples 25 steps guided every 2nd, fashion 15 guided every step (BENCHMARKS.md, the 25-step sampler
     as the digits default); DM-KD and offline read the same sampler flags."""
