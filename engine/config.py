@@ -104,7 +104,8 @@ class RunConfig:
     cls: float = opt(10.0, "β: weight of the class-prior cross-entropy")
     cls_boundary: float = opt(0.0, "s: the guided step's L_cls target puts this share on each image's nearest "
                               "other class (the teacher's top class outside its label, per step): images near the "
-                              "class boundary (0 = the label alone; losses/class_prior.py)")
+                              "class boundary (0 = the label alone; --world fashion: 0.1 since 2026-12-07; "
+                              "losses/class_prior.py)")
     adv: float = opt(1.0, "γ: weight of the adversarial loss (after --adv-warmup-images images)")
     step_size: float = opt(0.1, "η: latent step per timestep (per sample: the gradient is scaled by the batch size; "
                            "--world fashion: 0.05 since 2026-12-06)")
