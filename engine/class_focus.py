@@ -35,18 +35,24 @@ def class_kd_sums(student_logits: torch.Tensor, teacher_logits: torch.Tensor, ta
         return weights.T @ kl, weights.sum(dim=0)
 
 
+def class_means(sums: torch.Tensor, counts: torch.Tensor) -> list[float | None]:
+    """A window's mean loss per class, sums_k / counts_k (host values); None for a class not seen (no weight, or a
+    non-finite sum)."""
+    return [float(s / c) if c > 0 and torch.isfinite(s) else None for s, c in zip(sums, counts)]
+
+
 def focus_probs(sums: torch.Tensor, counts: torch.Tensor, previous: list[float] | None, focus: float) -> list[float]:
     """Class probabilities from a window's per-class loss sums and counts (host values): p_k ∝ (sums_k /
     counts_k)^focus over the classes seen, a class not seen keeping its previous share (uniform at first)."""
-    k = len(sums)
-    previous = previous or [1.0 / k] * k
-    seen = [i for i in range(k) if counts[i] > 0 and torch.isfinite(sums[i])]
+    means = class_means(sums, counts)
+    previous = previous or [1.0 / len(means)] * len(means)
+    seen = [i for i, mean in enumerate(means) if mean is not None]
     if not seen:
         return list(previous)
     mass = sum(previous[i] for i in seen)  # the share the seen classes had, redistributed among them
-    scores = {i: max(float(sums[i] / counts[i]), 1e-12) ** focus for i in seen}
+    scores = {i: max(means[i], 1e-12) ** focus for i in seen}
     total = sum(scores.values())
-    return [mass * scores[i] / total if i in scores else previous[i] for i in range(k)]
+    return [mass * scores[i] / total if i in scores else previous[i] for i in range(len(means))]
 
 
 def draw_labels(probs: list[float], n: int, seed: int) -> torch.Tensor:

@@ -34,7 +34,7 @@ import torch
 from accelerate import Accelerator
 
 from augment.student_augment import student_augment
-from engine.class_focus import class_kd_sums, draw_labels, focus_probs
+from engine.class_focus import class_kd_sums, class_means, draw_labels, focus_probs
 from engine.config import RunConfig
 from engine.datasets import as_tensors
 from engine.errors import RunDiverged, UserError
@@ -470,8 +470,7 @@ def log_metrics(cfg, state, window, buffer, world, student, outputs: RunOutputs,
     if "class_kd" in window:  # --class-focus: the window's per-class loss sets the classes of the next micro-batches
         sums, weights = accelerator.reduce(window["class_kd"].clone(), "sum").cpu()
         state.class_probs = focus_probs(sums, weights, state.class_probs, cfg.class_focus)
-        line["class_kd"] = [round(float(s / w), 6) if w > 0 and torch.isfinite(s) else None
-                            for s, w in zip(sums, weights)]  # what the shares read; None: class not seen
+        line["class_kd"] = [None if m is None else round(m, 6) for m in class_means(sums, weights)]  # what they read
         line["class_probs"] = [round(p, 6) for p in state.class_probs]
         window["class_kd"].zero_()
     window["skipped"].zero_()  # window["inv"] stays: a line with no guided step since the last repeats its terms
